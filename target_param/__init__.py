@@ -1,0 +1,19 @@
+"""target_param: train any PyTorch model in target space.
+
+Fairbank, Samothrakis and Citi, "Deep Learning in Target Space", JMLR 23 (2022).
+
+    import target_param as tp
+    tp.to_target_space(model, ref_batch, lam=0.1)   # in place; the parameters are now the targets
+    ...                                             # the training loop does not change
+    tp.to_weight_space(model)                       # a plain model again
+
+Modules: ``convert`` (the public verbs), ``realise`` (Algorithm 2, the reference pass), ``solver``
+(eq. 6-7 and 23 by Cholesky), ``layers`` (Linear/Conv adapters), ``parametrization`` (the
+torch.nn.utils.parametrize hook-up), ``errors`` (named exceptions).
+"""
+from .convert import is_target_space, realisations, to_target_space, to_weight_space
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _errors
+
+__all__ = ["to_target_space", "to_weight_space", "is_target_space", "realisations", *_errors]
+__version__ = "0.1.0"

@@ -1,0 +1,378 @@
+"""The public verbs: ``to_target_space``, ``to_weight_space``, ``is_target_space``, ``realisations``.
+
+Conversion is transactional. Everything that can fail (argument checks, a recording reference pass, the
+rank checks) happens before the model is touched; the registration itself is undone on any error, so
+the model's parameters, buffers, classes and hooks are exactly as before the call.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .errors import (
+    AlreadyConvertedError,
+    InvalidArgumentError,
+    NoEligibleLayerError,
+    NotConvertedError,
+    RankDeficientWarning,
+    ReferenceBatchError,
+    TargetSpaceError,
+    UnsupportedLayerError,
+)
+from .layers import adapter_for, is_candidate
+from .parametrization import TargetParametrization, copy_with_own_class
+from .realise import REALISER_ATTR, ConvertedLayer, Realiser, frozen_running_stats, reused_error
+
+__all__ = ["to_target_space", "to_weight_space", "is_target_space", "realisations", "realisers"]
+
+INITS = ("project", "random")
+CASCADES = ("sequential", "optimistic")
+REFERENCE_BUFFER = "target_space_reference"
+
+
+# ------------------------------------------------------------------------------------------ queries
+def realisers(model: nn.Module) -> list[Realiser]:
+    """The realisation engines of every converted (sub)module of ``model``."""
+    return [m.__dict__[REALISER_ATTR] for m in model.modules() if REALISER_ATTR in m.__dict__]
+
+
+def is_target_space(model: nn.Module) -> bool:
+    """True when ``model`` or any of its submodules has been converted by :func:`to_target_space`."""
+    return any(
+        isinstance(p, TargetParametrization)
+        for m in model.modules()
+        if parametrize.is_parametrized(m)
+        for plist in m.parametrizations.values()
+        for p in plist
+    ) or bool(realisers(model))
+
+
+def realisations(model: nn.Module) -> int:
+    """How many reference passes (Algorithm 2) have run on ``model`` since conversion."""
+    return sum(r.realisations for r in realisers(model))
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _check_options(lam, init, cascade, target_std) -> None:
+    if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise InvalidArgumentError(
+            "lam must be a finite number ≥ 0: it is the absolute ridge λ of eq. 6, added to the "
+            "unnormalised Gram AAᵀ.",
+            "The paper uses lam=1e-3 (two-spirals, IMDB) or lam=0.1 (CNNs, bit-stream RNNs).",
+            lam=lam,
+        )
+    if init not in INITS:
+        raise InvalidArgumentError(
+            f"init must be one of {INITS}.",
+            "'project' keeps the model's function (T_j = S_j); 'random' draws targets and projects (eq. 13).",
+            init=init,
+        )
+    if cascade not in CASCADES:
+        raise InvalidArgumentError(
+            f"cascade must be one of {CASCADES}.",
+            "'sequential' is SCU (Algorithm 2); 'optimistic' is OCU (eq. 8).",
+            cascade=cascade,
+        )
+    if not isinstance(target_std, (int, float)) or not target_std > 0:
+        raise InvalidArgumentError("target_std must be > 0.", None, target_std=target_std)
+
+
+def _as_inputs(ref_batch) -> tuple:
+    return tuple(ref_batch) if isinstance(ref_batch, (tuple, list)) else (ref_batch,)
+
+
+def _check_reference(model: nn.Module, inputs: tuple) -> None:
+    tensors = [x for x in inputs if isinstance(x, Tensor)]
+    if not tensors:
+        raise ReferenceBatchError(
+            "ref_batch must be a tensor, or a tuple of positional inputs with at least one tensor.",
+            "Pass the fixed reference batch X̄ (section 3.1), e.g. n̄ training inputs.",
+            ref_batch=type(inputs[0]).__name__ if inputs else "()",
+        )
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    for i, x in enumerate(tensors):
+        where = f"ref_batch[{i}]" if len(inputs) > 1 else "ref_batch"
+        if x.numel() == 0 or x.dim() == 0 or x.shape[0] == 0:
+            raise ReferenceBatchError(
+                "The reference batch is empty; it needs n̄ ≥ 1 patterns along dim 0.",
+                "Pass n̄ training inputs; n̄ × positions ≥ d_in + 1 avoids rank deficiency (section 3.1).",
+                **{f"{where}.shape": tuple(x.shape)},
+            )
+        if param is not None and x.device != param.device:
+            raise ReferenceBatchError(
+                "The reference batch must be on the model's device.",
+                "Move it with ref_batch.to(device).",
+                **{f"{where}.device": x.device, "model device": param.device},
+            )
+        if x.is_floating_point():
+            if param is not None and x.dtype != param.dtype:
+                raise ReferenceBatchError(
+                    "A floating-point reference batch must have the model's dtype.",
+                    "Cast it with ref_batch.to(dtype).",
+                    **{f"{where}.dtype": x.dtype, "model dtype": param.dtype},
+                )
+            if not bool(torch.isfinite(x).all()):
+                raise ReferenceBatchError(
+                    "The reference batch contains NaN or Inf; the targets would be meaningless.",
+                    "Clean or replace those patterns.",
+                    **{f"{where} non-finite entries": int((~torch.isfinite(x)).sum())},
+                )
+
+
+def _select(model: nn.Module, filter_fn: Callable | None) -> list[tuple[str, nn.Module]]:
+    chosen = []
+    for name, m in model.named_modules():
+        if not is_candidate(m) or (filter_fn is not None and not filter_fn(m, name)):
+            continue
+        reason = None
+        if parametrize.is_parametrized(m) or not isinstance(m._parameters.get("weight"), nn.Parameter):
+            reason = "its weight is already parametrized or computed (e.g. weight_norm)"
+        elif adapter_for(m) is None:
+            reason = f"its class {type(m).__module__}.{type(m).__qualname__} changes how the weight is used"
+        if reason:
+            raise UnsupportedLayerError(
+                f"Layer '{name}' cannot be converted: {reason}, so W = T·A^‡ (eq. 6) would not be the "
+                "weight it computes with.",
+                "Exclude it with filter_fn=lambda module, name: name != '%s' (it then stays in weight space)."
+                % name,
+                layer=name,
+                type=type(m).__name__,
+            )
+        chosen.append((name, m))
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------ recording
+class _Record:
+    """What one weight-space pass on the reference batch shows about each selected layer."""
+
+    def __init__(self, n: int):
+        self.calls = [0] * n
+        self.outputs: list[Tensor | None] = [None] * n
+
+
+def _record(model: nn.Module, inputs: tuple, chosen) -> _Record:
+    """Run the reference batch through the unconverted model, counting calls and keeping outputs S_j.
+
+    Running statistics are frozen and every other buffer the forward changes is put back.
+    """
+    rec = _Record(len(chosen))
+    handles = []
+    for i, (_, m) in enumerate(chosen):
+
+        def hook(module, args, out, i=i):
+            rec.calls[i] += 1
+            rec.outputs[i] = out.detach().clone()
+
+        handles.append(m.register_forward_hook(hook))
+    buffers = [(b, b._version, b.clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad(), frozen_running_stats(model):
+            model(*inputs)
+    except TargetSpaceError:
+        raise
+    except Exception as e:
+        raise ReferenceBatchError(
+            "The model's forward raised on the reference batch.",
+            "Pass a reference batch that model(*ref_batch) accepts (a tensor, or a tuple of positional inputs).",
+            error=f"{type(e).__name__}: {e}",
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, version, saved in buffers:
+                if b._version != version:
+                    b.copy_(saved)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ transaction
+class _Snapshot:
+    """Class and attribute dictionaries of some modules, so that registration can be undone exactly."""
+
+    def __init__(self, modules):
+        self.saved = [
+            (m, m.__class__, {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in vars(m).items()})
+            for m in dict.fromkeys(modules)
+        ]
+
+    def restore(self) -> None:
+        for m, cls, attrs in self.saved:
+            m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+
+
+def _register(realiser: Realiser, i: int, targets: Tensor) -> None:
+    layer = realiser.layers[i]
+    m = layer.module
+    weight = m.weight
+    m._parameters["weight"] = nn.Parameter(targets, requires_grad=weight.requires_grad)
+    pw = TargetParametrization(realiser, i, 0)
+    parametrize.register_parametrization(m, "weight", pw, unsafe=True)
+    if layer.adapter.has_bias:
+        del m._parameters["bias"]
+        m.register_buffer("bias", targets.new_empty(0))
+        parametrize.register_parametrization(m, "bias", TargetParametrization(realiser, i, 1), unsafe=True)
+        plist = m.parametrizations.bias
+        plist._non_persistent_buffers_set.add("original")  # an empty placeholder, not state
+    copy_with_own_class(m)
+    m.register_forward_pre_hook(pw.pre_hook)
+    m.register_forward_hook(pw.post_hook)
+
+
+def _remove_hooks(module: nn.Module, owner) -> None:
+    for hooks in (module._forward_pre_hooks, module._forward_hooks, module._forward_hooks_always_called):
+        for k in [k for k, h in hooks.items() if getattr(h, "__self__", None) is owner]:
+            del hooks[k]
+    for k in [k for k in module._forward_hooks_always_called if k not in module._forward_hooks]:
+        del module._forward_hooks_always_called[k]
+
+
+# ------------------------------------------------------------------------------------------ verbs
+def to_target_space(
+    model: nn.Module,
+    ref_batch,
+    *,
+    lam: float = 1e-3,
+    init: str = "project",
+    target_std: float = 1.0,
+    cascade: str = "sequential",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    r"""Convert ``model`` in place to target space and return it.
+
+    Every selected ``nn.Linear`` / ``nn.Conv{1,2,3}d`` gets a learnable target ``T_j`` shaped like its output
+    on ``ref_batch`` (at ``layer.parametrizations.weight.original``); its weight and bias become
+    ``W[0:j] = T_j A[0:j)^‡``, ``A^‡ = Aᵀ(AAᵀ + λI)⁻¹`` (eq. 6-7), with ``A[0:j)`` the layer's input on the
+    reference batch as it arrives in the forward pass (Algorithm 2, SCU). The training loop is unchanged:
+    the optimiser now trains the targets and autograd gives exactly Algorithm 3.
+
+    Args:
+        model: any module; converted in place.
+        ref_batch: the fixed reference batch X̄ (section 3.1): a tensor, or a tuple of positional inputs
+            such that ``model(*ref_batch)`` runs. It is stored on the model as a buffer.
+        lam: λ ≥ 0, absolute, on the unnormalised Gram including the bias row.
+        init: ``"project"`` sets ``T_j = S_j`` (the model keeps its function, exactly as λ → 0 at full
+            rank); ``"random"`` draws a truncated normal with std ``target_std`` and projects once (eq. 13).
+        target_std: σ of the random targets (paper: 1 for dense/recurrent nets, 0.1 for CNNs).
+        cascade: ``"sequential"`` (SCU, Algorithm 2) or ``"optimistic"`` (OCU, eq. 8).
+        filter_fn: ``filter_fn(module, qualified_name) -> bool`` selects layers; default all eligible.
+
+    Returns:
+        ``model``.
+    """
+    _check_options(lam, init, cascade, target_std)
+    if is_target_space(model):
+        raise AlreadyConvertedError(
+            "The model is already in target space (it or one of its submodules was converted).",
+            "Call tp.to_weight_space(model) first to convert it again.",
+            model=type(model).__name__,
+        )
+    inputs = _as_inputs(ref_batch)
+    _check_reference(model, inputs)
+    chosen = _select(model, filter_fn)
+    if not chosen:
+        raise NoEligibleLayerError(
+            "No layer to convert: target space needs at least one nn.Linear or nn.Conv1d/2d/3d"
+            + (" selected by filter_fn." if filter_fn is not None else "."),
+            "Pass a model with such layers, or relax filter_fn.",
+            model=type(model).__name__,
+        )
+    rec = _record(model, inputs, chosen)
+    for (name, _), calls in zip(chosen, rec.calls):
+        if calls > 1:
+            raise reused_error(name, calls)
+    unused = [name for (name, _), calls in zip(chosen, rec.calls) if calls == 0]
+    if unused:
+        warnings.warn(f"Layers not run on the reference batch stay in weight space: {unused}", stacklevel=2)
+    ran = [(i, name, m) for i, (name, m) in enumerate(chosen) if rec.calls[i]]
+    if not ran:
+        raise NoEligibleLayerError(
+            "None of the selected layers ran on the reference batch.",
+            "Check that model(*ref_batch) reaches the Linear/Conv layers.",
+            selected=[n for n, _ in chosen],
+        )
+    layers = [ConvertedLayer(name, m, adapter_for(m)) for _, name, m in ran]
+    for layer, (i, _, _) in zip(layers, ran):
+        cols, rows = rec.outputs[i].numel() // layer.adapter.out_features, layer.adapter.in_rows()
+        if cols < rows:
+            warnings.warn(
+                f"Layer '{layer.name}': its Gram AAᵀ is rank-deficient, n̄ × positions = {cols} < "
+                f"d_in + 1 = {rows} (section 3.1, Fig. 7), so not every target is achievable. "
+                "Use a larger reference batch.",
+                RankDeficientWarning,
+                stacklevel=2,
+            )
+
+    snapshot = _Snapshot([model] + [layer.module for layer in layers])
+    try:
+        names = [None if not isinstance(x, Tensor) else REFERENCE_BUFFER + (f"_{k}" if len(inputs) > 1 else "")
+                 for k, x in enumerate(inputs)]
+        for n in names:
+            if n is not None and hasattr(model, n):
+                raise AlreadyConvertedError(f"The model already has an attribute '{n}'.", None, attribute=n)
+        realiser = Realiser(model, layers, lam, cascade, [(n, None if n else x) for n, x in zip(names, inputs)])
+        for n, x in zip(names, inputs):
+            if n is not None:
+                model.register_buffer(n, x.detach().clone())
+        for k, (i, _, _) in enumerate(ran):
+            s = rec.outputs[i]
+            t = s if init == "project" else nn.init.trunc_normal_(
+                torch.empty_like(s), std=target_std, a=-2 * target_std, b=2 * target_std)
+            _register(realiser, k, t)
+        model.__dict__[REALISER_ATTR] = realiser
+        model.register_forward_pre_hook(realiser.root_pre_hook)
+        model.register_forward_hook(realiser.root_post_hook, always_call=True)
+        if init == "random":
+            realiser.project()
+        with torch.no_grad():
+            realiser.realise()
+    except BaseException:
+        snapshot.restore()
+        raise
+    return model
+
+
+def to_weight_space(model: nn.Module) -> nn.Module:
+    """Realise once, then remove every target-space parametrization, leaving the realised weights.
+
+    Afterwards each layer is of its original class with plain ``weight``/``bias`` parameters, the
+    ``state_dict`` keys are those from before conversion and no hook or buffer is left behind.
+    Returns ``model``.
+    """
+    found = realisers(model)
+    if not found:
+        raise NotConvertedError(
+            "The model has nothing in target space.",
+            "Convert it with tp.to_target_space(model, ref_batch) first.",
+            model=type(model).__name__,
+        )
+    for r in found:
+        with torch.no_grad():
+            r.realise()
+        r.phase = "frozen"
+        for i, layer in enumerate(r.layers):
+            m = layer.module
+            owner = m.parametrizations.weight[0]
+            requires_grad = m.parametrizations.weight.original.requires_grad
+            _remove_hooks(m, owner)
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            if layer.adapter.has_bias:
+                parametrize.remove_parametrizations(m, "bias", leave_parametrized=True)
+                bias = m._buffers.pop("bias")
+                m.register_parameter("bias", nn.Parameter(bias, requires_grad=requires_grad))
+        root = r.root
+        _remove_hooks(root, r)
+        for name, _ in r.reference:
+            if name is not None:
+                delattr(root, name)
+        del root.__dict__[REALISER_ATTR]
+    return model

@@ -1,0 +1,103 @@
+"""Named exceptions and warnings.
+
+Each message states the rule, then the way out, then ``name: value`` lines, in the style of
+``torch.nn.utils.parametrize``.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "TargetSpaceError",
+    "InvalidArgumentError",
+    "ReferenceBatchError",
+    "NoEligibleLayerError",
+    "AlreadyConvertedError",
+    "NotConvertedError",
+    "LayerReusedError",
+    "UnsupportedLayerError",
+    "FunctionalWeightUseError",
+    "SolveError",
+    "AssignmentError",
+    "NotTraceableError",
+    "RankDeficientWarning",
+    "IllConditionedWarning",
+    "TraceFallbackWarning",
+]
+
+
+def format_message(rule: str, way_out: str | None = None, **values) -> str:
+    """``rule``, then ``way_out``, then one ``name: value`` line per value."""
+    lines = [rule.rstrip()]
+    if way_out:
+        lines.append(way_out.rstrip())
+    lines += [f"{k}: {v}" for k, v in values.items()]
+    return "\n".join(lines)
+
+
+class TargetSpaceError(Exception):
+    """Base class of every error raised by target_param."""
+
+    def __init__(self, rule: str, way_out: str | None = None, **values):
+        self.rule, self.way_out, self.values = rule, way_out, values
+        super().__init__(format_message(rule, way_out, **values))
+
+
+class InvalidArgumentError(TargetSpaceError, ValueError):
+    """An option of ``to_target_space`` is out of its domain (``lam < 0``, unknown ``init``...)."""
+
+
+class ReferenceBatchError(TargetSpaceError, ValueError):
+    """The reference batch is empty, non-finite, on the wrong device/dtype, or rejected by the model."""
+
+
+class NoEligibleLayerError(TargetSpaceError, ValueError):
+    """No Linear/Conv/RNN layer was selected, or none of them ran on the reference batch."""
+
+
+class AlreadyConvertedError(TargetSpaceError, RuntimeError):
+    """The model (or one of its submodules) is already in target space."""
+
+
+class NotConvertedError(TargetSpaceError, ValueError):
+    """``to_weight_space`` was called on a model with nothing in target space."""
+
+
+class LayerReusedError(TargetSpaceError, RuntimeError):
+    """A converted layer runs more than once per forward pass (tied or shared weights).
+
+    Its input on the reference batch is then not one matrix A, so ``W = T A^‡`` is undefined.
+    """
+
+
+class UnsupportedLayerError(TargetSpaceError, TypeError):
+    """A selected layer is of a kind whose weights cannot be solved from targets (for example a Conv
+    subclass that transforms its weight before use, or an LSTM)."""
+
+
+class FunctionalWeightUseError(TargetSpaceError, RuntimeError):
+    """A converted layer's weight was read during the reference pass before the layer itself ran,
+    i.e. it is used functionally (``F.linear(x, layer.weight)``) outside the module's forward."""
+
+
+class SolveError(TargetSpaceError, FloatingPointError):
+    """Realisation met a non-finite value (in a layer's input, its Gram, or the solved weights)."""
+
+
+class AssignmentError(TargetSpaceError, NotImplementedError):
+    """The weight of a target-space layer was assigned. Weights are computed from targets."""
+
+
+class NotTraceableError(TargetSpaceError, RuntimeError):
+    """torch.fx could not trace the model (raised only when tracing is required)."""
+
+
+class RankDeficientWarning(UserWarning):
+    """A layer has fewer reference columns than input rows: ``n̄ × positions < d_in + 1``
+    (section 3.1, Fig. 7), so not every target is achievable."""
+
+
+class IllConditionedWarning(UserWarning):
+    """A Cholesky factorisation failed and was retried in float64 and/or with jitter."""
+
+
+class TraceFallbackWarning(UserWarning):
+    """torch.fx planning failed or disagreed with eager; the execution order recorded by hooks is used."""

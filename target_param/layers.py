@@ -1,0 +1,140 @@
+"""Layer adapters: how a layer's input becomes the matrix A, its output the target T, and the solution
+``Wᵀ`` its ``weight`` and ``bias``.
+
+Every adapter works in row layout (patterns are rows, see ``solver``) and batched over groups:
+
+    patches(x)     (G, N, d)  the layer input on the reference batch, ``A[0:j)ᵀ`` without the ones row
+    rows(t)        (G, N, o)  the target (or the layer output), ``T_jᵀ``
+    assemble(wt)   (weight, bias) from ``Wᵀ`` of shape (G, d [+1], o)
+
+For a convolution A is the im2col patch matrix (section 4.2): ``k·C_in/G`` rows and ``n̄ × positions``
+columns per group; each group of a grouped conv is an independent problem.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Adapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate", "SUPPORTED"]
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Adapter:
+    """Base adapter; subclasses fill in the shapes."""
+
+    kind = "?"
+    groups = 1
+
+    def __init__(self, module: nn.Module):
+        self.has_bias = module.bias is not None
+        self.out_features = module.weight.shape[0]
+
+    def in_rows(self) -> int:
+        """d_in (+1 for the bias) per group: the rows of A."""
+        raise NotImplementedError
+
+    def patches(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def rows(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def assemble(self, wt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias, in ``dtype``, from ``Wᵀ`` (G, d [+1], o); the bias sits in the last row."""
+        w = wt.mT.to(dtype)  # (G, o, d [+1])
+        bias = w[..., -1].reshape(-1).contiguous() if self.has_bias else None
+        if self.has_bias:
+            w = w[..., :-1]
+        return w.reshape(self.weight_shape).contiguous(), bias
+
+
+class LinearAdapter(Adapter):
+    """``nn.Linear`` on inputs (..., d): every leading index is a column of A."""
+
+    kind = "Linear"
+
+    def __init__(self, module: nn.Linear):
+        super().__init__(module)
+        self.in_features = module.in_features
+        self.weight_shape = (module.out_features, module.in_features)
+
+    def in_rows(self) -> int:
+        return self.in_features + self.has_bias
+
+    def patches(self, x):
+        return x.reshape(1, -1, self.in_features)
+
+    def rows(self, t):
+        return t.reshape(1, -1, self.out_features)
+
+
+class ConvAdapter(Adapter):
+    """``nn.Conv1d/2d/3d`` with any stride, padding (every padding_mode, "same"), dilation and groups."""
+
+    def __init__(self, module: nn.modules.conv._ConvNd):
+        super().__init__(module)
+        self.kind = type(module).__name__
+        self.nd = len(module.kernel_size)
+        self.groups = module.groups
+        self.kernel_size = tuple(module.kernel_size)
+        self.stride = tuple(module.stride)
+        self.dilation = tuple(module.dilation)
+        self.padding_mode = module.padding_mode
+        self.pad = tuple(module._reversed_padding_repeated_twice)
+        self.in_per_group = module.in_channels // module.groups
+        self.weight_shape = tuple(module.weight.shape)
+
+    def in_rows(self) -> int:
+        return self.in_per_group * math.prod(self.kernel_size) + self.has_bias
+
+    def patches(self, x):
+        """im2col by strided views: (G, n̄ × positions, C_in/G × k), columns ordered like the weight."""
+        if any(self.pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self.pad, mode=mode)
+        for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
+            x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+        n, nd, g = x.shape[0], self.nd, self.groups
+        positions = x.shape[2 : 2 + nd]
+        # (n, C, P..., K...) -> (G, n, P..., C/G, K...)
+        x = x.reshape(n, g, self.in_per_group, *positions, *self.kernel_size)
+        perm = [1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)]
+        return x.permute(perm).reshape(g, -1, self.in_per_group * math.prod(self.kernel_size))
+
+    def rows(self, t):
+        n, g = t.shape[0], self.groups
+        return t.reshape(n, g, self.out_features // g, -1).permute(1, 0, 3, 2).reshape(g, -1, self.out_features // g)
+
+
+def _plain(module: nn.Module) -> bool:
+    """True when the module computes with its weight exactly as its torch base class does."""
+    for base in SUPPORTED:
+        if isinstance(module, base):
+            cls = type(module)
+            same_forward = cls.forward is base.forward or _is_plain_linear_forward(cls)
+            same_conv = not hasattr(base, "_conv_forward") or cls._conv_forward is base._conv_forward
+            return same_forward and same_conv
+    return False
+
+
+def _is_plain_linear_forward(cls) -> bool:
+    # timm.layers.Linear re-implements Linear.forward as F.linear(x, weight, bias) (for torchscript).
+    return cls.__module__.startswith("timm.layers") and cls.__name__ == "Linear"
+
+
+def is_candidate(module: nn.Module) -> bool:
+    """Linear/Conv modules (subclasses included) that a user may want converted."""
+    return isinstance(module, SUPPORTED)
+
+
+def adapter_for(module: nn.Module) -> Adapter | None:
+    """The adapter of a convertible layer, or None when its class changes how the weight is used."""
+    if not _plain(module):
+        return None
+    if isinstance(module, nn.Linear):
+        return LinearAdapter(module)
+    return ConvAdapter(module)

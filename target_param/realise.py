@@ -1,0 +1,236 @@
+"""The realisation engine: Algorithm 2 (SCU) and its optimistic variant (OCU, eq. 8).
+
+One *reference pass* runs the model's own forward on the fixed reference batch X̄. When a converted layer j
+is reached, its input ``A[0:j)`` is whatever actually arrives (so residual and concatenation topologies are
+followed as executed) and its weights are solved, ``W[0:j] = T_j A[0:j)^‡``; the layer then computes
+``S_j = W[0:j] A[0:j)`` and passes it on (SCU), or passes its target ``T_j`` on instead (OCU). With grad
+enabled the solved weights carry the autograd graph back to every target, so backpropagation through the
+training forward (Algorithm 1) and this pass gives exactly Algorithm 3.
+
+When realisation happens:
+  * every grad-enabled forward of the converted root realises once (gradient accumulation works);
+  * otherwise the realised weights are reused until a parameter or buffer of the root changes (tensor
+    versions catch ``opt.step()`` and in-place edits) or a module changes train/eval mode;
+  * reading ``layer.weight`` / ``layer.bias`` outside a forward realises first if anything is stale.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .errors import FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, SolveError
+from .layers import Adapter
+from .solver import ridge_solve
+
+__all__ = ["Realiser", "ConvertedLayer", "frozen_running_stats", "REALISER_ATTR"]
+
+REALISER_ATTR = "_target_space_realiser"
+IDLE, FORWARD, REFERENCE, FROZEN = "idle", "forward", "reference", "frozen"
+
+
+@dataclass
+class ConvertedLayer:
+    name: str
+    module: nn.Module
+    adapter: Adapter
+
+
+@contextlib.contextmanager
+def frozen_running_stats(root: nn.Module):
+    """Normalisation layers keep their running statistics untouched (batch statistics in train mode)."""
+    changed = [m for m in root.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
+def reused_error(name: str, calls: int) -> LayerReusedError:
+    return LayerReusedError(
+        f"Layer '{name}' runs {calls} times in one forward pass; a target-space layer must run exactly "
+        "once, because its weights are solved from its one input on the reference batch (eq. 6).",
+        "Exclude it with filter_fn=lambda module, name: name != '%s' (it then stays in weight space)." % name,
+        layer=name,
+        calls=calls,
+    )
+
+
+class Realiser:
+    """Holds the converted layers of one root module and realises their weights from their targets."""
+
+    def __init__(self, root: nn.Module, layers: list[ConvertedLayer], lam: float, cascade: str, reference):
+        self.root = root
+        self.layers = layers
+        self.lam = float(lam)
+        self.cascade = cascade
+        self.reference = reference  # [(buffer name, None) | (None, constant)] per positional input
+        self.cache: list | None = None
+        self.cache_has_graph = False
+        self.pending: list | None = None
+        self.calls: list[int] = []
+        self.capture: list | None = None
+        self.key = None
+        self.realisations = 0
+        self.phase = IDLE
+        self.depth = 0
+
+    def __getstate__(self):
+        # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
+        state = dict(self.__dict__)
+        state.update(cache=None, cache_has_graph=False, pending=None, capture=None, key=None, phase=IDLE, depth=0)
+        return state
+
+    # ---------------------------------------------------------------- state
+    def targets(self, i: int) -> Tensor:
+        return self.layers[i].module.parametrizations.weight.original
+
+    def reference_inputs(self) -> tuple:
+        return tuple(getattr(self.root, name) if name else value for name, value in self.reference)
+
+    def state_key(self) -> tuple:
+        """Changes whenever anything the reference pass reads may have changed."""
+        modes = tuple(m.training for m in self.root.modules())
+        tensors = tuple(
+            (id(t), t._version, t.data_ptr()) for t in itertools.chain(self.root.parameters(), self.root.buffers())
+        )
+        return modes, tensors
+
+    def needs_graph(self) -> bool:
+        return torch.is_grad_enabled() and any(self.targets(i).requires_grad for i in range(len(self.layers)))
+
+    def ensure_fresh(self) -> None:
+        if self.cache is None or (self.needs_graph() and not self.cache_has_graph) or self.key != self.state_key():
+            self.realise()
+
+    # ---------------------------------------------------------------- Algorithm 2
+    def solve(self, i: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``W[0:j] = T_j A[0:j)^‡`` (eq. 6) for layer i from its input ``x`` on the reference batch."""
+        layer, t = self.layers[i], self.targets(i)
+        ad = layer.adapter
+        a = ad.patches(x)
+        if ad.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        y = ad.rows(t)
+        if y.shape[-2] != a.shape[-2]:
+            raise ReferenceBatchError(
+                f"Layer '{layer.name}': its input on the reference batch has {a.shape[-2]} columns "
+                f"(n̄ × positions) but its target has {y.shape[-2]}.",
+                "The targets and the reference batch must come from the same conversion; reconvert, or load "
+                "a state_dict saved with the same reference batch size.",
+                layer=layer.name,
+                target_shape=tuple(t.shape),
+                input_shape=tuple(x.shape),
+            )
+        return ad.assemble(ridge_solve(a, y, self.lam, layer.name), t.dtype)
+
+    def realise(self) -> None:
+        """Run the reference pass once and replace every layer's realised weights (transactionally)."""
+        prev, self.phase = self.phase, REFERENCE
+        self.pending, self.calls = [None] * len(self.layers), [0] * len(self.layers)
+        try:
+            with frozen_running_stats(self.root):
+                self.root(*self.reference_inputs())
+            for layer, calls in zip(self.layers, self.calls):
+                if calls == 0:
+                    raise ReferenceBatchError(
+                        f"Layer '{layer.name}' did not run on the reference batch, so its weights cannot be "
+                        "realised.",
+                        "Keep the reference path through every converted layer, or exclude the layer.",
+                        layer=layer.name,
+                    )
+            self._check_finite(self.pending)
+            self.cache, self.cache_has_graph = self.pending, torch.is_grad_enabled()
+        finally:
+            self.phase, self.pending = prev, None
+        self.key = self.state_key()
+        self.realisations += 1
+
+    def _check_finite(self, realised: list) -> None:
+        flags = torch.stack([torch.isfinite(t).all() for wb in realised for t in wb if t is not None])
+        if bool(flags.all()):
+            return
+        for layer, wb in zip(self.layers, realised):
+            for what, t in zip(("weight", "bias"), wb):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise SolveError(
+                        f"Layer '{layer.name}': the realised {what} is not finite.",
+                        "A NaN/Inf reached the layer's input or its targets; the targets were left unchanged. "
+                        "Lower the learning rate, or raise lam.",
+                        layer=layer.name,
+                        nonfinite=int((~torch.isfinite(t)).sum()),
+                    )
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Eq. 13: run Algorithm 2 once and set every target to the sums it achieves, ``T_j ← S_j``."""
+        self.capture = [None] * len(self.layers)
+        try:
+            self.realise()
+            captured = self.capture
+        finally:
+            self.capture = None
+        for i, s in enumerate(captured):
+            self.targets(i).copy_(s)
+
+    # ---------------------------------------------------------------- hooks
+    def layer_pre_hook(self, i: int, args) -> None:
+        if self.phase == REFERENCE:
+            self.calls[i] += 1
+            if self.calls[i] > 1:
+                raise reused_error(self.layers[i].name, self.calls[i])
+            self.pending[i] = self.solve(i, args[0])
+        elif self.phase == IDLE:
+            self.ensure_fresh()
+
+    def layer_post_hook(self, i: int, output: Tensor):
+        if self.phase != REFERENCE:
+            return None
+        if self.capture is not None:
+            self.capture[i] = output.detach().clone()
+        if self.cascade == "optimistic":  # OCU (eq. 8): pass the target on, not the achieved sums
+            return self.targets(i).clone()
+        return None
+
+    def root_pre_hook(self, module: nn.Module, args) -> None:
+        if self.phase == FORWARD:
+            self.depth += 1
+        if self.phase != IDLE:
+            return
+        if self.needs_graph():
+            self.realise()
+        else:
+            self.ensure_fresh()
+        self.phase, self.depth = FORWARD, 0
+
+    def root_post_hook(self, module: nn.Module, args, output) -> None:
+        if self.phase == FORWARD:
+            if self.depth:
+                self.depth -= 1
+            else:
+                self.phase = IDLE
+
+    def tensor(self, i: int, which: int) -> Tensor:
+        """The realised weight (0) or bias (1) of layer i, as the parametrization returns it."""
+        if self.phase == REFERENCE:
+            wb = self.pending[i]
+            if wb is None:
+                name = self.layers[i].name
+                raise FunctionalWeightUseError(
+                    f"The weight of layer '{name}' was read during the reference pass before the layer ran: "
+                    "it is used functionally (e.g. F.linear(x, layer.weight)) outside the module's forward, "
+                    "so its input A is unknown.",
+                    "Exclude it with filter_fn=lambda module, name: name != '%s'." % name,
+                    layer=name,
+                )
+            return wb[which]
+        if self.phase == IDLE:
+            self.ensure_fresh()
+        return self.cache[i][which]

@@ -1,0 +1,96 @@
+"""The ridge solve of eq. 6-7, batched, by Cholesky through ``torch.linalg``.
+
+The paper keeps patterns in columns: ``W = T A^‡`` with ``A^‡ = Aᵀ(AAᵀ + λI)⁻¹``. PyTorch keeps patterns
+in rows, so this module works with ``X = Aᵀ`` (N × d) and ``Y = Tᵀ`` (N × o) and returns ``Wᵀ`` (d × o):
+
+    primal  (eq. 7):   Wᵀ = (XᵀX + λI)⁻¹ XᵀY          Gram d × d
+    dual    (eq. 23):  Wᵀ = Xᵀ (XXᵀ + λI)⁻¹ Y          Gram N × N
+
+Both are the same matrix (Woodbury); the smaller Gram is factorised. λ is absolute and applies to the
+unnormalised Gram, every row included (the bias row too). Everything is differentiable by autograd, so
+the gradient that reaches the targets is exactly Algorithm 3.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .errors import IllConditionedWarning, SolveError
+
+__all__ = ["ridge_solve", "solve_dtype", "uses_dual"]
+
+
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32 and at least the model's dtype (a float64 model solves in float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def uses_dual(rows: int, cols: int) -> bool:
+    """Whether the N × N Gram (eq. 23) is smaller than the d × d one; ``rows`` = d, ``cols`` = N."""
+    return cols < rows
+
+
+def _factor(gram: Tensor, lam: float, layer: str) -> Tensor:
+    """Cholesky factor of ``gram + λI``. On failure retry in float64, then with growing jitter."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    k = gram + lam * eye if lam else gram
+    factor, info = torch.linalg.cholesky_ex(k)
+    if not bool(info.any()):
+        return factor
+    if not bool(torch.isfinite(gram).all()):
+        raise SolveError(
+            f"Layer '{layer}': the Gram matrix of its input on the reference batch is not finite.",
+            "A NaN/Inf reached this layer during realisation; check the targets and the layers before it.",
+            layer=layer,
+        )
+    k64 = k.double()
+    scale = k64.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    jitter = 0.0
+    for attempt in range(8):
+        trial = k64 + (jitter * scale)[..., None] * torch.eye(k.shape[-1], dtype=torch.float64, device=k.device)
+        factor, info = torch.linalg.cholesky_ex(trial)
+        if not bool(info.any()):
+            with torch.no_grad():
+                ev = torch.linalg.eigvalsh(k64)
+                cond = (ev.abs().amax(-1) / ev.abs().amin(-1).clamp_min(1e-300)).max().item()
+            warnings.warn(
+                f"Layer '{layer}': Cholesky of AAᵀ + λI failed in {str(gram.dtype).removeprefix('torch.')}; "
+                f"solved in float64{' with relative jitter %.0e' % jitter if jitter else ''}. "
+                "Increase lam or the reference batch to make the solve well conditioned.\n"
+                f"lam: {lam}\ncondition estimate: {cond:.3g}",
+                IllConditionedWarning,
+                stacklevel=4,
+            )
+            return factor
+        jitter = 1e-12 if jitter == 0.0 else jitter * 100
+    raise SolveError(
+        f"Layer '{layer}': AAᵀ + λI is not positive definite, even in float64 with jitter.",
+        "Use lam > 0.",
+        layer=layer,
+        lam=lam,
+    )
+
+
+def ridge_solve(x: Tensor, y: Tensor, lam: float, layer: str = "?") -> Tensor:
+    """``argmin_W ||x W − y||² + λ||W||²`` for each leading (group) index.
+
+    Args:
+        x: (G, N, d), the layer's input patterns as rows (with a ones column for the bias), ``Aᵀ``.
+        y: (G, N, o), the targets as rows, ``Tᵀ``.
+        lam: λ ≥ 0.
+        layer: the layer's name, for error messages.
+
+    Returns:
+        (G, d, o): ``Wᵀ = (A^‡)ᵀ Tᵀ`` in the dtype ``solve_dtype(x.dtype)``.
+    """
+    dtype = solve_dtype(x.dtype)
+    x, y = x.to(dtype), y.to(dtype)
+    xt = x.mT
+    if uses_dual(x.shape[-1], x.shape[-2]):
+        factor = _factor(x @ xt, lam, layer)
+        z = torch.cholesky_solve(y.to(factor.dtype), factor).to(dtype)
+        return xt @ z
+    factor = _factor(xt @ x, lam, layer)
+    return torch.cholesky_solve((xt @ y).to(factor.dtype), factor).to(dtype)
