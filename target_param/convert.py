@@ -300,7 +300,7 @@ def to_target_space(
             "Check that model(*ref_batch) reaches the Linear/Conv layers.",
             selected=[n for n, _ in chosen],
         )
-    layers = [ConvertedLayer(name, m, adapter_for(m)) for _, name, m in ran]
+    layers = [ConvertedLayer(name or type(m).__name__, m, adapter_for(m)) for _, name, m in ran]
     for layer, (i, _, _) in zip(layers, ran):
         cols, rows = rec.outputs[i].numel() // layer.adapter.out_features, layer.adapter.in_rows()
         if cols < rows:

@@ -76,6 +76,7 @@ class Realiser:
         self.cache_has_graph = False
         self.pending: list | None = None
         self.calls: list[int] = []
+        self.order: list[int] = []
         self.capture: list | None = None
         self.key = None
         self.realisations = 0
@@ -134,10 +135,13 @@ class Realiser:
     def realise(self) -> None:
         """Run the reference pass once and replace every layer's realised weights (transactionally)."""
         prev, self.phase = self.phase, REFERENCE
-        self.pending, self.calls = [None] * len(self.layers), [0] * len(self.layers)
+        self.pending, self.calls, self.order = [None] * len(self.layers), [0] * len(self.layers), []
         try:
-            with frozen_running_stats(self.root):
-                self.root(*self.reference_inputs())
+            try:
+                with frozen_running_stats(self.root):
+                    self.root(*self.reference_inputs())
+            except SolveError as e:
+                raise (self._diagnose(self.pending) or e) from None
             for layer, calls in zip(self.layers, self.calls):
                 if calls == 0:
                     raise ReferenceBatchError(
@@ -155,18 +159,31 @@ class Realiser:
 
     def _check_finite(self, realised: list) -> None:
         flags = torch.stack([torch.isfinite(t).all() for wb in realised for t in wb if t is not None])
-        if bool(flags.all()):
-            return
-        for layer, wb in zip(self.layers, realised):
-            for what, t in zip(("weight", "bias"), wb):
-                if t is not None and not bool(torch.isfinite(t).all()):
-                    raise SolveError(
+        if not bool(flags.all()):
+            raise self._diagnose(realised)
+
+    def _diagnose(self, realised: list) -> SolveError | None:
+        """Name the first layer, in execution order, where a non-finite value appears."""
+        for i in self.order:
+            layer, t = self.layers[i], self.targets(i)
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return SolveError(
+                    f"Layer '{layer.name}': its targets contain {bad} non-finite value(s).",
+                    "The step that wrote them diverged; restore the targets (and optimiser state) from a "
+                    "checkpoint and lower the learning rate.",
+                    layer=layer.name,
+                )
+            for what, w in zip(("weight", "bias"), realised[i] or ()):
+                if w is not None and not bool(torch.isfinite(w).all()):
+                    return SolveError(
                         f"Layer '{layer.name}': the realised {what} is not finite.",
-                        "A NaN/Inf reached the layer's input or its targets; the targets were left unchanged. "
-                        "Lower the learning rate, or raise lam.",
+                        "A NaN/Inf reached the layer's input on the reference batch; the targets were left "
+                        "unchanged. Raise lam, or check the layers before it.",
                         layer=layer.name,
-                        nonfinite=int((~torch.isfinite(t)).sum()),
+                        nonfinite=int((~torch.isfinite(w)).sum()),
                     )
+        return None
 
     @torch.no_grad()
     def project(self) -> None:
@@ -186,6 +203,7 @@ class Realiser:
             self.calls[i] += 1
             if self.calls[i] > 1:
                 raise reused_error(self.layers[i].name, self.calls[i])
+            self.order.append(i)
             self.pending[i] = self.solve(i, args[0])
         elif self.phase == IDLE:
             self.ensure_fresh()
