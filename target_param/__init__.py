@@ -8,12 +8,12 @@ Fairbank, Samothrakis and Citi, "Deep Learning in Target Space", JMLR 23 (2022).
     tp.to_weight_space(model)                       # a plain model again
 
 Modules: ``convert`` (the public verbs), ``realise`` (Algorithm 2, the reference pass), ``solver``
-(eq. 6-7 and 23 by Cholesky), ``layers`` (Linear/Conv adapters), ``parametrization`` (the
+(eq. 6-7 and 23 by Cholesky), ``layers`` (Linear/Conv adapters), ``plan`` (torch.fx planning and ``explain``), ``parametrization`` (the
 torch.nn.utils.parametrize hook-up), ``errors`` (named exceptions).
 """
-from .convert import is_target_space, realisations, to_target_space, to_weight_space
+from .convert import explain, is_target_space, realisations, to_target_space, to_weight_space
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors
 
-__all__ = ["to_target_space", "to_weight_space", "is_target_space", "realisations", *_errors]
+__all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", *_errors]
 __version__ = "0.1.0"

@@ -27,9 +27,10 @@ from .errors import (
 )
 from .layers import adapter_for, is_candidate
 from .parametrization import TargetParametrization, copy_with_own_class
-from .realise import REALISER_ATTR, ConvertedLayer, Realiser, frozen_running_stats, reused_error
+from .plan import Plan, display_name, make_plan
+from .realise import REALISER_ATTR, ConvertedLayer, Realiser, reused_error
 
-__all__ = ["to_target_space", "to_weight_space", "is_target_space", "realisations", "realisers"]
+__all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", "realisers"]
 
 INITS = ("project", "random")
 CASCADES = ("sequential", "optimistic")
@@ -148,51 +149,6 @@ def _select(model: nn.Module, filter_fn: Callable | None) -> list[tuple[str, nn.
     return chosen
 
 
-# ------------------------------------------------------------------------------------------ recording
-class _Record:
-    """What one weight-space pass on the reference batch shows about each selected layer."""
-
-    def __init__(self, n: int):
-        self.calls = [0] * n
-        self.outputs: list[Tensor | None] = [None] * n
-
-
-def _record(model: nn.Module, inputs: tuple, chosen) -> _Record:
-    """Run the reference batch through the unconverted model, counting calls and keeping outputs S_j.
-
-    Running statistics are frozen and every other buffer the forward changes is put back.
-    """
-    rec = _Record(len(chosen))
-    handles = []
-    for i, (_, m) in enumerate(chosen):
-
-        def hook(module, args, out, i=i):
-            rec.calls[i] += 1
-            rec.outputs[i] = out.detach().clone()
-
-        handles.append(m.register_forward_hook(hook))
-    buffers = [(b, b._version, b.clone()) for b in model.buffers()]
-    try:
-        with torch.no_grad(), frozen_running_stats(model):
-            model(*inputs)
-    except TargetSpaceError:
-        raise
-    except Exception as e:
-        raise ReferenceBatchError(
-            "The model's forward raised on the reference batch.",
-            "Pass a reference batch that model(*ref_batch) accepts (a tensor, or a tuple of positional inputs).",
-            error=f"{type(e).__name__}: {e}",
-        ) from e
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, version, saved in buffers:
-                if b._version != version:
-                    b.copy_(saved)
-    return rec
-
-
 # ------------------------------------------------------------------------------------------ transaction
 class _Snapshot:
     """Class and attribute dictionaries of some modules, so that registration can be undone exactly."""
@@ -237,6 +193,64 @@ def _remove_hooks(module: nn.Module, owner) -> None:
 
 
 # ------------------------------------------------------------------------------------------ verbs
+def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace) -> tuple[tuple, Plan]:
+    """Every check, and the plan; nothing is changed."""
+    _check_options(lam, init, cascade, target_std)
+    if is_target_space(model):
+        raise AlreadyConvertedError(
+            "The model is already in target space (it or one of its submodules was converted).",
+            "Call tp.to_weight_space(model) first to convert it again.",
+            model=type(model).__name__,
+        )
+    inputs = _as_inputs(ref_batch)
+    _check_reference(model, inputs)
+    chosen = _select(model, filter_fn)
+    if not chosen:
+        raise NoEligibleLayerError(
+            "No layer to convert: target space needs at least one nn.Linear or nn.Conv1d/2d/3d"
+            + (" selected by filter_fn." if filter_fn is not None else "."),
+            "Pass a model with such layers, or relax filter_fn.",
+            model=type(model).__name__,
+        )
+    plan = make_plan(model, inputs, chosen, trace=trace)
+    for pl in plan.layers:
+        if pl.calls > 1:
+            raise reused_error(pl.name, pl.calls)
+    unused = [pl.name for pl in plan.layers if pl.calls == 0]
+    if unused:
+        warnings.warn(f"Layers not run on the reference batch stay in weight space: {unused}", stacklevel=3)
+    ran = [pl for pl in plan.layers if pl.calls]
+    if not ran:
+        raise NoEligibleLayerError(
+            "None of the selected layers ran on the reference batch.",
+            "Check that model(*ref_batch) reaches the Linear/Conv layers.",
+            selected=[pl.name for pl in plan.layers],
+        )
+    plan.layers = ran
+    plan.options = dict(lam=lam, init=init, target_std=target_std, cascade=cascade)
+    return inputs, plan
+
+
+def explain(
+    model: nn.Module,
+    ref_batch,
+    *,
+    lam: float = 1e-3,
+    init: str = "project",
+    target_std: float = 1.0,
+    cascade: str = "sequential",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    trace: bool = True,
+) -> Plan:
+    """The conversion plan of ``to_target_space`` with the same arguments, without changing ``model``.
+
+    Prints as a table: per layer the kind, d_in (+1 for the bias), columns (n̄ × positions), primal or dual
+    solve (eq. 23), whether the Gram can have full rank, the target's shape and size and an estimated cost
+    per step; then target against weight parameter totals. Use it to choose n̄ and λ.
+    """
+    return _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace)[1]
+
+
 def to_target_space(
     model: nn.Module,
     ref_batch,
@@ -246,6 +260,7 @@ def to_target_space(
     target_std: float = 1.0,
     cascade: str = "sequential",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    trace: bool = True,
 ) -> nn.Module:
     r"""Convert ``model`` in place to target space and return it.
 
@@ -265,52 +280,24 @@ def to_target_space(
         target_std: σ of the random targets (paper: 1 for dense/recurrent nets, 0.1 for CNNs).
         cascade: ``"sequential"`` (SCU, Algorithm 2) or ``"optimistic"`` (OCU, eq. 8).
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` selects layers; default all eligible.
+        trace: plan with torch.fx (see :mod:`target_param.plan`); ``False`` uses hooks only.
 
     Returns:
         ``model``.
     """
-    _check_options(lam, init, cascade, target_std)
-    if is_target_space(model):
-        raise AlreadyConvertedError(
-            "The model is already in target space (it or one of its submodules was converted).",
-            "Call tp.to_weight_space(model) first to convert it again.",
-            model=type(model).__name__,
-        )
-    inputs = _as_inputs(ref_batch)
-    _check_reference(model, inputs)
-    chosen = _select(model, filter_fn)
-    if not chosen:
-        raise NoEligibleLayerError(
-            "No layer to convert: target space needs at least one nn.Linear or nn.Conv1d/2d/3d"
-            + (" selected by filter_fn." if filter_fn is not None else "."),
-            "Pass a model with such layers, or relax filter_fn.",
-            model=type(model).__name__,
-        )
-    rec = _record(model, inputs, chosen)
-    for (name, _), calls in zip(chosen, rec.calls):
-        if calls > 1:
-            raise reused_error(name, calls)
-    unused = [name for (name, _), calls in zip(chosen, rec.calls) if calls == 0]
-    if unused:
-        warnings.warn(f"Layers not run on the reference batch stay in weight space: {unused}", stacklevel=2)
-    ran = [(i, name, m) for i, (name, m) in enumerate(chosen) if rec.calls[i]]
-    if not ran:
-        raise NoEligibleLayerError(
-            "None of the selected layers ran on the reference batch.",
-            "Check that model(*ref_batch) reaches the Linear/Conv layers.",
-            selected=[n for n, _ in chosen],
-        )
-    layers = [ConvertedLayer(name or type(m).__name__, m, adapter_for(m)) for _, name, m in ran]
-    for layer, (i, _, _) in zip(layers, ran):
-        cols, rows = rec.outputs[i].numel() // layer.adapter.out_features, layer.adapter.in_rows()
-        if cols < rows:
+    inputs, plan = _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace)
+    ran = [pl for pl in plan.layers if pl.calls]
+    for pl in ran:
+        s = pl.stats()
+        if not s["full_rank"]:
             warnings.warn(
-                f"Layer '{layer.name}': its Gram AAᵀ is rank-deficient, n̄ × positions = {cols} < "
-                f"d_in + 1 = {rows} (section 3.1, Fig. 7), so not every target is achievable. "
+                f"Layer '{pl.name}': its Gram AAᵀ is rank-deficient, n̄ × positions = {s['cols']} < "
+                f"d_in + 1 = {s['rows']} (section 3.1, Fig. 7), so not every target is achievable. "
                 "Use a larger reference batch.",
                 RankDeficientWarning,
                 stacklevel=2,
             )
+    layers = [ConvertedLayer(pl.name, pl.module, adapter_for(pl.module)) for pl in ran]
 
     snapshot = _Snapshot([model] + [layer.module for layer in layers])
     try:
@@ -319,12 +306,13 @@ def to_target_space(
         for n in names:
             if n is not None and hasattr(model, n):
                 raise AlreadyConvertedError(f"The model already has an attribute '{n}'.", None, attribute=n)
-        realiser = Realiser(model, layers, lam, cascade, [(n, None if n else x) for n, x in zip(names, inputs)])
+        realiser = Realiser(model, layers, lam, cascade, [(n, None if n else x) for n, x in zip(names, inputs)],
+                            plan.graph_module)
         for n, x in zip(names, inputs):
             if n is not None:
                 model.register_buffer(n, x.detach().clone())
-        for k, (i, _, _) in enumerate(ran):
-            s = rec.outputs[i]
+        for k, pl in enumerate(ran):
+            s = pl.output
             t = s if init == "project" else nn.init.trunc_normal_(
                 torch.empty_like(s), std=target_std, a=-2 * target_std, b=2 * target_std)
             _register(realiser, k, t)

@@ -66,8 +66,10 @@ def reused_error(name: str, calls: int) -> LayerReusedError:
 class Realiser:
     """Holds the converted layers of one root module and realises their weights from their targets."""
 
-    def __init__(self, root: nn.Module, layers: list[ConvertedLayer], lam: float, cascade: str, reference):
+    def __init__(self, root: nn.Module, layers: list[ConvertedLayer], lam: float, cascade: str, reference,
+                 graph_module: nn.Module | None = None):
         self.root = root
+        self.graph_module = graph_module  # the planner's rewritten graph, when functional uses need it
         self.layers = layers
         self.lam = float(lam)
         self.cascade = cascade
@@ -139,7 +141,7 @@ class Realiser:
         try:
             try:
                 with frozen_running_stats(self.root):
-                    self.root(*self.reference_inputs())
+                    (self.graph_module or self.root)(*self.reference_inputs())
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
             for layer, calls in zip(self.layers, self.calls):

@@ -1,0 +1,38 @@
+"""Smoke tests of the examples: each runs end to end in its quick mode and writes its outputs."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_two_spirals_quick(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "two_spirals.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    png, js = tmp_path / "two_spirals.png", tmp_path / "two_spirals.json"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(js.read_text())
+    assert summary["config"]["iters"] == 300
+    for space in ("target_space", "weight_space"):
+        res = summary[space]
+        for key in ("final_train_acc", "final_test_acc"):
+            assert 0.0 <= res[key] <= 1.0, (space, key, res[key])
+        curve = res["curve"]
+        assert curve["iter"][0] == 0 and curve["iter"][-1] == 300
+        assert all(0.0 <= a <= 1.0 for a in curve["train_acc"] + curve["test_acc"])
+        assert all(math.isfinite(v) for v in curve["train_loss"] + curve["test_loss"])
+        first = res["first_100pct_train_iter"]
+        assert first is None or 0 <= first <= 300
+        assert res["seconds_per_iter_median"] > 0
+    # Leaving target space keeps the trained function.
+    assert summary["target_space"]["conversion_max_abs_logit_change"] < 1e-3

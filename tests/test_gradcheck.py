@@ -1,0 +1,131 @@
+"""``torch.autograd.gradcheck`` (float64) through the realisation: model output on a fixed minibatch X as a
+function of the targets, with the targets swapped in by ``torch.func.functional_call``.
+
+Each call therefore runs Algorithm 2 (the reference pass on X̄, with the solve of eq. 6) and then Algorithm 1 on
+X, so gradcheck compares autograd's dOutput/dT (what the library trains with) against central differences.
+Both cascades (SCU, OCU) are checked, for Linear and Conv1d/2d/3d with stride/dilation/groups/padding modes.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+from torch.func import functional_call
+
+import target_param as tp
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny float64 problems: intra-op threading only adds overhead (and is pathological on a loaded box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
+
+
+def build(kind):
+    """(model, per-pattern input shape, names of converted layers). Tiny sizes: gradcheck is O(#targets)."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), (3,), ["0", "2"]
+    if kind == "linear-3d":
+        return nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2, bias=False)), (2, 3), ["0", "2"]
+    if kind == "conv1d":
+        return (nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, dilation=1, padding=1, padding_mode="reflect"), nn.Tanh(),
+                              nn.Conv1d(4, 2, 2, groups=2, dilation=2)), (2, 7), ["0", "2"])
+    if kind == "conv2d":
+        return (nn.Sequential(nn.Conv2d(2, 4, 3, stride=(2, 1), padding="valid", dilation=(1, 2)), nn.Tanh(),
+                              nn.Conv2d(4, 2, 2, groups=2, padding=1, padding_mode="circular")), (2, 5, 5), ["0", "2"])
+    if kind == "conv2d-depthwise":
+        return (nn.Sequential(nn.Conv2d(3, 3, 2, groups=3, padding="same"), nn.Tanh(),
+                              nn.Conv2d(3, 2, 1, bias=False)), (3, 3, 3), ["0", "2"])
+    if kind == "conv3d":
+        return (nn.Sequential(nn.Conv3d(2, 2, 2, stride=(1, 2, 1), dilation=(2, 1, 1), padding=(1, 0, 0),
+                                        padding_mode="replicate"), nn.Tanh(),
+                              nn.Conv3d(2, 2, (2, 1, 2), groups=2)), (2, 3, 3, 3), ["0", "2"])
+    raise ValueError(kind)
+
+
+KINDS = ["linear", "linear-3d", "conv1d", "conv2d", "conv2d-depthwise", "conv3d"]
+
+
+def setup(kind, cascade, lam, device, nbar=3, n=2, seed=0):
+    torch.manual_seed(seed)
+    model, shape, names = build(kind)
+    model = model.to(device=device, dtype=DT)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ref = torch.randn(nbar, *shape, generator=gen, dtype=DT).to(device)
+    x = torch.randn(n, *shape, generator=gen, dtype=DT).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.RankDeficientWarning)
+        tp.to_target_space(model, ref, lam=lam, init="random", cascade=cascade)
+    keys = [f"{name}.parametrizations.weight.original" for name in names]
+    targets = []
+    for k in keys:  # random targets, off the projected point (so the (T − S) terms are active)
+        t = dict(model.named_parameters())[k].detach()
+        targets.append((t + 0.5 * torch.randn(t.shape, generator=gen, dtype=DT).to(device)).requires_grad_(True))
+    return model, keys, targets, x
+
+
+def as_function(model, keys, x):
+    def f(*targets):
+        return functional_call(model, dict(zip(keys, targets)), (x,))
+    return f
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("cascade", ["sequential", "optimistic"])
+@pytest.mark.parametrize("lam", [1e-3, 0.3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_realisation(kind, lam, cascade, device):
+    model, keys, targets, x = setup(kind, cascade, lam, device)
+    f = as_function(model, keys, x)
+    out = f(*targets)
+    assert out.requires_grad and out.dtype == DT
+    # the function really depends on every target (else gradcheck would pass trivially)
+    for i, t in enumerate(targets):
+        g = torch.autograd.grad(out.sum(), t, retain_graph=True)[0]
+        assert g.abs().max() > 1e-8, f"output does not depend on target {i}"
+    assert gradcheck(f, tuple(targets), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("cascade", ["sequential", "optimistic"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_gradgradcheck_realisation(kind, cascade, device):
+    """Second derivatives through the solve (used by e.g. Hessian-vector products)."""
+    model, keys, targets, x = setup(kind, cascade, 0.3, device, nbar=2, n=1)
+    f = as_function(model, keys, x)
+    assert gradgradcheck(f, tuple(targets), eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("cascade", ["sequential", "optimistic"])
+def test_gradcheck_loss_matches_module_backward(cascade, device):
+    """The functional_call path and the ordinary ``loss.backward()`` on the converted module agree, and the
+    swapped-in targets leave the model's own targets untouched."""
+    model, keys, targets, x = setup("conv2d", cascade, 0.3, device)
+    f = as_function(model, keys, x)
+    params = dict(model.named_parameters())
+    saved = [params[k].detach().clone() for k in keys]
+    loss = (f(*targets) ** 2).sum()
+    grads = torch.autograd.grad(loss, targets)
+    for k, s in zip(keys, saved):
+        assert torch.equal(params[k].detach(), s)
+    with torch.no_grad():
+        for k, t in zip(keys, targets):
+            params[k].copy_(t)
+    model.zero_grad()
+    (model(x) ** 2).sum().backward()
+    for k, g in zip(keys, grads):
+        torch.testing.assert_close(params[k].grad, g, rtol=1e-10, atol=1e-12)
