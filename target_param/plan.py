@@ -192,8 +192,9 @@ def _hidden(gm: fx.GraphModule, planned: dict[str, PlannedLayer]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ recording
-def _run(module: nn.Module, inputs: tuple, planned: list[PlannedLayer] | None, seed: int, devices):
-    """Run ``module`` on the reference batch under a fixed RNG, recording calls/outputs of ``planned``."""
+def _run(module: nn.Module, inputs: tuple, planned: list[PlannedLayer] | None, rng: tuple, devices):
+    """Run ``module`` on the reference batch from RNG state ``rng`` (the caller's RNG is left as it was),
+    recording calls/outputs of ``planned``."""
     from .realise import frozen_running_stats
 
     handles, counter = [], iter(range(1 << 30))
@@ -208,7 +209,9 @@ def _run(module: nn.Module, inputs: tuple, planned: list[PlannedLayer] | None, s
     buffers = [(b, b._version, b.clone()) for b in module.buffers()]
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), frozen_running_stats(module):
-            torch.manual_seed(seed)
+            torch.set_rng_state(rng[0])
+            for d, state in zip(devices, rng[1]):
+                torch.cuda.set_rng_state(state, d)
             return module(*inputs)
     finally:
         for h in handles:
@@ -244,7 +247,7 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
     """
     planned = {name: PlannedLayer(display_name(name, m), m) for name, m in chosen}
     devices = sorted({x.device.index or 0 for x in inputs if isinstance(x, Tensor) and x.is_cuda})
-    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])  # same dropout in every run
     gm, reason = None, None
     if isinstance(model, SUPPORTED):
         trace, reason = False, "the model is a single layer"
@@ -262,7 +265,7 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
         rewritten = _rewrite_functional(gm, planned)
         _hidden(gm, planned)
     try:
-        eager = _run(model, inputs, None if gm is not None else planned.values(), seed, devices)
+        eager = _run(model, inputs, None if gm is not None else planned.values(), rng, devices)
     except TargetSpaceError:
         raise
     except Exception as e:
@@ -273,7 +276,7 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
         ) from e
     if gm is not None:
         try:
-            traced_out = _run(gm, inputs, planned.values(), seed, devices)
+            traced_out = _run(gm, inputs, planned.values(), rng, devices)
             if not _same(eager, traced_out):
                 reason = "the traced graph's output differs from eager on the reference batch"
         except TargetSpaceError:
@@ -291,7 +294,7 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
                 )
             for pl in planned.values():
                 pl.calls, pl.order, pl.output, pl.functional, pl.hidden_in = 0, -1, None, [], None
-            _run(model, inputs, planned.values(), seed, devices)
+            _run(model, inputs, planned.values(), rng, devices)
             gm = None
     if reason is not None and trace:
         warnings.warn(f"Planning falls back to the execution order recorded by hooks: {reason}.",

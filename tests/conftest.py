@@ -2,6 +2,16 @@ import pytest
 import torch
 from torch import nn
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The suite is many tiny (often float64) problems: intra-op threads only add overhead, and thrash on
+    a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])]
 

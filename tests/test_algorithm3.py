@@ -54,15 +54,6 @@ import target_param as tp
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: intra-op threading only adds overhead (and is pathological on a loaded box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------- model
 class ShortcutMLP(nn.Module):
     """``sizes = [d0, h1, ..., out]``; tanh hidden layers; with ``shortcuts`` each Linear sees cat(x, A_1..A_{j-1})."""

@@ -27,15 +27,6 @@ import target_param as tp
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 problems: intra-op threading only adds overhead (and is pathological on a loaded box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------- eq. 6
 def ridge_weights(A, T, lam):
     """A: d × N (ones row already included), T: o × N. Returns o × d, checking primal == dual."""

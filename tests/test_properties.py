@@ -40,6 +40,16 @@ seeds = st.integers(0, 2**31 - 1)
 lams = st.floats(-8.0, 0.0).map(lambda e: 10.0**e)  # λ log-uniform in [1e-8, 1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threading only adds overhead (tens of ms per conv when the 2 cores are
+    shared), so run this module single-threaded and restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ================================================================================= linear-algebra helpers
 def patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per-group A of ``layer`` on input ``x``: (G, d_g [+1], N), paper convention, columns ordered (n, positions).
