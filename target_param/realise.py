@@ -40,6 +40,14 @@ class ConvertedLayer:
     adapter: Adapter
 
 
+def _fingerprint(t: Tensor) -> tuple:
+    """Identity, in-place version and storage of a tensor (torch.func wrappers have no storage)."""
+    try:
+        return id(t), t._version, t.data_ptr()
+    except RuntimeError:
+        return id(t), None, None
+
+
 @contextlib.contextmanager
 def frozen_running_stats(root: nn.Module):
     """Normalisation layers keep their running statistics untouched (batch statistics in train mode)."""
@@ -101,10 +109,11 @@ class Realiser:
     def state_key(self) -> tuple:
         """Changes whenever anything the reference pass reads may have changed."""
         modes = tuple(m.training for m in self.root.modules())
-        tensors = tuple(
-            (id(t), t._version, t.data_ptr()) for t in itertools.chain(self.root.parameters(), self.root.buffers())
-        )
+        tensors = tuple(_fingerprint(t) for t in itertools.chain(self.root.parameters(), self.root.buffers()))
         return modes, tensors
+
+    def _graph_used(self, grad: Tensor) -> None:
+        self.cache_has_graph = False
 
     def needs_graph(self) -> bool:
         return torch.is_grad_enabled() and any(self.targets(i).requires_grad for i in range(len(self.layers)))
@@ -153,7 +162,13 @@ class Realiser:
                         layer=layer.name,
                     )
             self._check_finite(self.pending)
-            self.cache, self.cache_has_graph = self.pending, torch.is_grad_enabled()
+            self.cache, self.cache_has_graph = self.pending, False
+            graph = [t for wb in self.cache for t in wb if t is not None and t.requires_grad]
+            if graph:
+                # A backward through these frees their graph: the next read that needs one realises again.
+                self.cache_has_graph = True
+                for t in graph:
+                    t.register_hook(self._graph_used)
         finally:
             self.phase, self.pending = prev, None
         self.key = self.state_key()

@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -35,6 +35,9 @@ EPS = torch.finfo(DT).eps
 ACTS = {"tanh": nn.Tanh, "relu": nn.ReLU, "identity": nn.Identity}  # all 1-Lipschitz
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# For the torch.func / after-backward tests a failure does not depend on the drawn model, and shrinking one
+# costs ~35 s per test on 2 cores; without shrinking the file stays within its time budget even when they fail.
+NO_SHRINK = dict(SETTINGS, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 seeds = st.integers(0, 2**31 - 1)
 lams = st.floats(-8.0, 0.0).map(lambda e: 10.0**e)  # λ log-uniform in [1e-8, 1]
@@ -136,7 +139,7 @@ def mlp_specs(draw, max_width=6, max_depth=3):
 @st.composite
 def conv_specs(draw):
     nd = draw(st.sampled_from([1, 2]))
-    size = draw(st.integers(4, 8) if nd == 1 else st.integers(3, 5))
+    size = size0 = draw(st.integers(4, 8) if nd == 1 else st.integers(3, 5))
     c0 = draw(st.sampled_from([1, 2, 4]))
     convs, c = [], c0
     for _ in range(draw(st.integers(1, 2))):
@@ -149,7 +152,7 @@ def conv_specs(draw):
         convs.append(dict(cin=c, cout=cout, k=k, s=s, p=p, g=g, bias=draw(st.booleans())))
         size = (size + 2 * p - k) // s + 1
         c = cout
-    return dict(kind="conv", nd=nd, c0=c0, size0=None, convs=convs, flat=c * size**nd,
+    return dict(kind="conv", nd=nd, c0=c0, size0=size0, convs=convs, flat=c * size**nd,
                 out=draw(st.integers(1, 3)), act=draw(st.sampled_from(sorted(ACTS))),
                 head_bias=draw(st.booleans()))
 
@@ -170,37 +173,17 @@ def build(spec, seed):
                           bias=c["bias"]), ACTS[spec["act"]]()]
         mods += [nn.Flatten(), nn.Linear(spec["flat"], spec["out"], bias=spec["head_bias"])]
         model = nn.Sequential(*mods)
-        size0 = spec["size0"]
-        shape = (spec["c0"],) + (size0,) * spec["nd"]
+        shape = (spec["c0"],) + (spec["size0"],) * spec["nd"]
     return model.to(DT).eval(), shape
 
 
 @st.composite
-def nets(draw, kinds=("mlp", "conv")):
-    """A model spec with the conv input size resolved."""
-    kind = draw(st.sampled_from(kinds))
-    if kind == "mlp":
-        return draw(mlp_specs())
-    return draw(conv_specs())
-
-
-def conv_input_size(spec):
-    """Smallest input size consistent with the drawn conv chain and ``spec['flat']``: recover by search."""
-    c_last = spec["convs"][-1]["cout"]
-    for size0 in range(1, 16):
-        size = size0
-        ok = True
-        for c in spec["convs"]:
-            size = (size + 2 * c["p"] - c["k"]) // c["s"] + 1
-            ok &= size >= 1
-        if ok and c_last * size ** spec["nd"] == spec["flat"]:
-            return size0
-    raise AssertionError(spec)
+def nets(draw):
+    """An MLP or a small Conv1d/Conv2d net (stride, padding, groups) with a Linear head."""
+    return draw(st.one_of(mlp_specs(), conv_specs()))
 
 
 def make(spec, seed):
-    if spec["kind"] == "conv" and spec["size0"] is None:
-        spec = dict(spec, size0=conv_input_size(spec))
     return build(spec, seed)
 
 
@@ -217,7 +200,7 @@ def full_rank_ref_size(model, shape, extra):
 
 
 # ================================================================================= property 1
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(seed=seeds, lam=lams, kind=st.sampled_from(["linear", "conv1d", "conv2d"]),
        n_ref=st.integers(1, 12), bias=st.booleans(), g=st.sampled_from([1, 2]), k=st.integers(1, 3),
        s=st.integers(1, 2), p=st.integers(0, 1), cin=st.integers(1, 3), cout=st.integers(1, 3))
@@ -258,7 +241,7 @@ def test_project_single_layer_realises_W_G_over_G_plus_lam(seed, lam, kind, n_re
     assert (layer(fresh).detach() - y_old).norm() <= out_bound
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=100, **SETTINGS)
 @given(spec=nets(), seed=seeds, lam=lams, extra=st.integers(1, 6))
 def test_project_preserves_function_within_derived_bound(spec, seed, lam, extra):
     """init="project" on a Sequential of Linear/Conv layers and 1-Lipschitz activations (tanh, relu, identity,
@@ -366,7 +349,7 @@ def _assert_clean(model):
     assert not tp.is_target_space(model)
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(net=roundtrip_models(), lam=lams, n_ref=st.integers(1, 6), via_copy=st.booleans(),
        train_step=st.booleans())
 def test_roundtrip_restores_structure(net, lam, n_ref, via_copy, train_step):
@@ -432,7 +415,7 @@ def target_grad_norm(model, x, y):
     return math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters()))
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(seed=seeds, d0=st.integers(1, 4), extra_w=st.lists(st.integers(0, 3), min_size=0, max_size=2),
        out=st.integers(1, 3), bias=st.booleans(), lam=st.floats(-6.0, 0.0).map(lambda e: 10.0**e))
 def test_weight_stationary_point_is_target_stationary_deep_linear(seed, d0, extra_w, out, bias, lam):
@@ -468,7 +451,7 @@ def test_weight_stationary_point_is_target_stationary_deep_linear(seed, d0, extr
     assert g_stat <= 1e-8 * g_rand
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(seed=seeds, nd=st.sampled_from([1, 2]), g=st.sampled_from([1, 2]), cin=st.integers(1, 2),
        cout=st.integers(1, 2), k=st.integers(1, 3), s=st.integers(1, 2), bias=st.booleans(),
        lam=st.floats(-6.0, 0.0).map(lambda e: 10.0**e))
@@ -552,7 +535,7 @@ def inner(a, b):
     return sum(float((u * v).sum()) for u, v in zip(a, b))
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=50, **SETTINGS)
 @given(spec=nets(), seed=seeds, lam=st.floats(-4.0, 0.0).map(lambda e: 10.0**e), extra=st.integers(1, 4))
 def test_eq11_chain_rule_autograd(spec, seed, lam, extra):
     """eq. 11 with plain autograd: build the map τ → w by reading the realised weights with grad enabled,
@@ -600,7 +583,7 @@ def test_eq11_chain_rule_autograd(spec, seed, lam, extra):
     assert num <= 1e-5 * (1 + den)
 
 
-@settings(max_examples=10, **SETTINGS)
+@settings(max_examples=15, **NO_SHRINK)
 @given(spec=nets(), seed=seeds, lam=st.floats(-4.0, 0.0).map(lambda e: 10.0**e), extra=st.integers(1, 4))
 def test_eq11_chain_rule_torch_func(spec, seed, lam, extra):
     """eq. 11 with torch.func: the map τ → w is ``functional_call(Realised(model), targets)``; its vjp with
@@ -641,7 +624,7 @@ def test_eq11_chain_rule_torch_func(spec, seed, lam, extra):
     assert num <= 1e-5 * (1 + den)
 
 
-@settings(max_examples=5, **SETTINGS)
+@settings(max_examples=5, **NO_SHRINK)
 @given(spec=nets(), seed=seeds, lam=st.floats(-4.0, 0.0).map(lambda e: 10.0**e), extra=st.integers(1, 4))
 def test_realised_weights_read_after_backward_are_differentiable(spec, seed, lam, extra):
     """Reading ``layer.weight`` outside a forward returns W(τ) with its graph to the targets (that is what the
@@ -673,7 +656,7 @@ def low_rank_matrices(draw):
     return a, r
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(ar=low_rank_matrices(), lam=st.floats(-4.0, 2.0).map(lambda e: 10.0**e))
 def test_lemma1(ar, lam):
     """Lemma 1 (appendix C): A A^‡ A^⋄ = A for every real A (any shape and rank) and λ > 0, where
