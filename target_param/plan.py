@@ -161,6 +161,7 @@ def _rewrite_functional(gm: fx.GraphModule, planned: dict[str, PlannedLayer]) ->
                         layer=pl.name, node=user.format_node(),
                     )
                 pl.functional.append(user.format_node())
+                gm.add_submodule(owner, pl.module)  # the graph held only a stub owning `weight`
                 with gm.graph.inserting_before(user):
                     call = gm.graph.call_module(owner, (user.args[0],))
                     new = call if own_bias or bias is None else gm.graph.call_function(operator.add, (call, bias))
