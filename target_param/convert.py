@@ -132,7 +132,17 @@ def _select(model: nn.Module, filter_fn: Callable | None) -> list[tuple[str, nn.
         if not is_candidate(m) or (filter_fn is not None and not filter_fn(m, name)):
             continue
         reason = None
-        if parametrize.is_parametrized(m) or not isinstance(m._parameters.get("weight"), nn.Parameter):
+        if isinstance(m, (nn.LSTM, nn.GRU, nn.RNNCellBase)):
+            raise UnsupportedLayerError(
+                f"Layer '{name}' is an {type(m).__name__}: the paper defines target space for plain recurrent "
+                "layers only. Supported: nn.Linear, nn.Conv1d/2d/3d and nn.RNN (tanh or relu, any num_layers, "
+                "batch_first, bidirectional); a user-written loop over nn.RNNCell is not.",
+                "Use nn.RNN, or exclude the layer with filter_fn=lambda module, name: name != '%s'." % name,
+                layer=name,
+                type=type(m).__name__,
+            )
+        if parametrize.is_parametrized(m) or not all(
+                isinstance(m._parameters.get(n), nn.Parameter) for n in getattr(m, "_flat_weights_names", ["weight"])):
             reason = "its weight is already parametrized or computed (e.g. weight_norm)"
         elif adapter_for(m) is None:
             reason = f"its class {type(m).__module__}.{type(m).__qualname__} changes how the weight is used"
@@ -166,22 +176,24 @@ class _Snapshot:
             m.__dict__.update(attrs)
 
 
-def _register(realiser: Realiser, i: int, targets: Tensor) -> None:
+def _register(realiser: Realiser, i: int, targets: dict[str, Tensor]) -> None:
+    """Targets become Parameters at ``parametrizations[name].original``; other tensors get placeholders."""
     layer = realiser.layers[i]
     m = layer.module
-    weight = m.weight
-    m._parameters["weight"] = nn.Parameter(targets, requires_grad=weight.requires_grad)
-    pw = TargetParametrization(realiser, i, 0)
-    parametrize.register_parametrization(m, "weight", pw, unsafe=True)
-    if layer.adapter.has_bias:
-        del m._parameters["bias"]
-        m.register_buffer("bias", targets.new_empty(0))
-        parametrize.register_parametrization(m, "bias", TargetParametrization(realiser, i, 1), unsafe=True)
-        plist = m.parametrizations.bias
-        plist._non_persistent_buffers_set.add("original")  # an empty placeholder, not state
+    for name in layer.adapter.tensors:
+        old = m._parameters[name]
+        if name in targets:
+            m._parameters[name] = nn.Parameter(targets[name], requires_grad=old.requires_grad)
+        else:
+            del m._parameters[name]
+            m.register_buffer(name, old.new_empty(0))
+        parametrize.register_parametrization(m, name, TargetParametrization(realiser, i, name), unsafe=True)
+        if name not in targets:
+            m.parametrizations[name]._non_persistent_buffers_set.add("original")  # a placeholder, not state
     copy_with_own_class(m)
-    m.register_forward_pre_hook(pw.pre_hook)
-    m.register_forward_hook(pw.post_hook)
+    owner = m.parametrizations[layer.adapter.targets[0]][0]
+    m.register_forward_pre_hook(owner.pre_hook)
+    m.register_forward_hook(owner.post_hook)
 
 
 def _remove_hooks(module: nn.Module, owner) -> None:
@@ -264,7 +276,8 @@ def to_target_space(
 ) -> nn.Module:
     r"""Convert ``model`` in place to target space and return it.
 
-    Every selected ``nn.Linear`` / ``nn.Conv{1,2,3}d`` gets a learnable target ``T_j`` shaped like its output
+    Every selected ``nn.Linear`` / ``nn.Conv{1,2,3}d`` (and ``nn.RNN``, Algorithm 5: see
+    :mod:`target_param.recurrent`) gets a learnable target ``T_j`` shaped like its output
     on ``ref_batch`` (at ``layer.parametrizations.weight.original``); its weight and bias become
     ``W[0:j] = T_j A[0:j)^‡``, ``A^‡ = Aᵀ(AAᵀ + λI)⁻¹`` (eq. 6-7), with ``A[0:j)`` the layer's input on the
     reference batch as it arrives in the forward pass (Algorithm 2, SCU). The training loop is unchanged:
@@ -312,10 +325,10 @@ def to_target_space(
             if n is not None:
                 model.register_buffer(n, x.detach().clone())
         for k, pl in enumerate(ran):
-            s = pl.output
-            t = s if init == "project" else nn.init.trunc_normal_(
-                torch.empty_like(s), std=target_std, a=-2 * target_std, b=2 * target_std)
-            _register(realiser, k, t)
+            targets = pl.sums if init == "project" else {
+                n: nn.init.trunc_normal_(torch.empty_like(s), std=target_std, a=-2 * target_std, b=2 * target_std)
+                for n, s in pl.sums.items()}
+            _register(realiser, k, targets)
         model.__dict__[REALISER_ATTR] = realiser
         model.register_forward_pre_hook(realiser.root_pre_hook)
         model.register_forward_hook(realiser.root_post_hook, always_call=True)
@@ -347,16 +360,14 @@ def to_weight_space(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             r.realise()
         r.phase = "frozen"
-        for i, layer in enumerate(r.layers):
-            m = layer.module
-            owner = m.parametrizations.weight[0]
-            requires_grad = m.parametrizations.weight.original.requires_grad
-            _remove_hooks(m, owner)
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-            if layer.adapter.has_bias:
-                parametrize.remove_parametrizations(m, "bias", leave_parametrized=True)
-                bias = m._buffers.pop("bias")
-                m.register_parameter("bias", nn.Parameter(bias, requires_grad=requires_grad))
+        for layer in r.layers:
+            m, ad = layer.module, layer.adapter
+            _remove_hooks(m, m.parametrizations[ad.targets[0]][0])
+            requires_grad = m.parametrizations[ad.targets[0]].original.requires_grad
+            for name in ad.tensors:
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+                if name not in ad.targets:
+                    m.register_parameter(name, nn.Parameter(m._buffers.pop(name), requires_grad=requires_grad))
         root = r.root
         _remove_hooks(root, r)
         for name, _ in r.reference:

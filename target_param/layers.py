@@ -1,14 +1,23 @@
-"""Layer adapters: how a layer's input becomes the matrix A, its output the target T, and the solution
-``Wᵀ`` its ``weight`` and ``bias``.
+"""Layer adapters: what the realisation engine needs to know about each kind of layer.
 
-Every adapter works in row layout (patterns are rows, see ``solver``) and batched over groups:
+Every adapter answers the same questions for its module:
+
+    tensors                 the parametrized tensor names (``weight``, ``bias``; for nn.RNN all flat weights)
+    targets                 those whose ``parametrizations[name].original`` holds a target T
+    sums(m, args, out)      the sums S on the reference batch with the current weights (T = S: eq. 13)
+    realise(m, args, T, λ)  every tensor of ``tensors`` solved from the targets (eq. 6; Algorithm 5)
+    optimistic(m, out, T)   what the layer passes on under OCU (eq. 8, eq. 21)
+    problems(sums)          the (rows, columns, groups) of each least-squares problem, for ``explain``
+
+Linear and Conv layers work in row layout (patterns are rows, see ``solver``), batched over groups:
 
     patches(x)     (G, N, d)  the layer input on the reference batch, ``A[0:j)ᵀ`` without the ones row
     rows(t)        (G, N, o)  the target (or the layer output), ``T_jᵀ``
     assemble(wt)   (weight, bias) from ``Wᵀ`` of shape (G, d [+1], o)
 
 For a convolution A is the im2col patch matrix (section 4.2): ``k·C_in/G`` rows and ``n̄ × positions``
-columns per group; each group of a grouped conv is an independent problem.
+columns per group; each group of a grouped conv is an independent problem. Recurrent layers live in
+``recurrent``.
 """
 from __future__ import annotations
 
@@ -18,20 +27,78 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate", "SUPPORTED"]
+from .errors import ReferenceBatchError
+from .solver import ridge_solve
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+__all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate",
+           "SUPPORTED", "CANDIDATES"]
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNN)
+# Also offered to filter_fn, so that the user hears why they are refused.
+CANDIDATES = SUPPORTED + (nn.RNNBase, nn.RNNCellBase)
 
 
 class Adapter:
-    """Base adapter; subclasses fill in the shapes."""
+    """Interface of every adapter (see the module docstring)."""
 
-    kind = "?"
+    tensors: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+
+    def sums(self, module: nn.Module, args: tuple, output) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def realise(self, module: nn.Module, args: tuple, targets: dict, lam: float, name: str,
+                optimistic: bool) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def optimistic(self, module: nn.Module, output, targets: dict):
+        raise NotImplementedError
+
+    def problems(self, sums: dict[str, Tensor]) -> list[tuple[int, int, int, int]]:
+        """(rows of A incl. the ones row, columns, groups, outputs per group) of each solve."""
+        raise NotImplementedError
+
+
+class FeedForwardAdapter(Adapter):
+    """Linear and Conv: one target, the layer's output on the reference batch."""
+
     groups = 1
+    targets = ("weight",)
 
     def __init__(self, module: nn.Module):
         self.has_bias = module.bias is not None
         self.out_features = module.weight.shape[0]
+        self.tensors = ("weight", "bias") if self.has_bias else ("weight",)
+
+    def sums(self, module, args, output):
+        return {"weight": output}
+
+    def realise(self, module, args, targets, lam, name, optimistic):
+        """``W[0:j] = T_j A[0:j)^‡`` (eq. 6) from the layer's input ``args[0]`` on the reference batch."""
+        t = targets["weight"]
+        a = self.patches(args[0])
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        y = self.rows(t)
+        if y.shape[-2] != a.shape[-2]:
+            raise ReferenceBatchError(
+                f"Layer '{name}': its input on the reference batch has {a.shape[-2]} columns "
+                f"(n̄ × positions) but its target has {y.shape[-2]}.",
+                "The targets and the reference batch must come from the same conversion; reconvert, or load "
+                "a state_dict saved with the same reference batch size.",
+                layer=name,
+                target_shape=tuple(t.shape),
+                input_shape=tuple(args[0].shape),
+            )
+        w, b = self.assemble(ridge_solve(a, y, lam, name), t.dtype)
+        return {"weight": w, "bias": b} if self.has_bias else {"weight": w}
+
+    def optimistic(self, module, output, targets):
+        return targets["weight"].clone()
+
+    def problems(self, sums):
+        cols = sums["weight"].numel() // self.out_features
+        return [(self.in_rows(), cols, self.groups, self.out_features // self.groups)]
 
     def in_rows(self) -> int:
         """d_in (+1 for the bias) per group: the rows of A."""
@@ -52,7 +119,7 @@ class Adapter:
         return w.reshape(self.weight_shape).contiguous(), bias
 
 
-class LinearAdapter(Adapter):
+class LinearAdapter(FeedForwardAdapter):
     """``nn.Linear`` on inputs (..., d): every leading index is a column of A."""
 
     kind = "Linear"
@@ -72,7 +139,7 @@ class LinearAdapter(Adapter):
         return t.reshape(1, -1, self.out_features)
 
 
-class ConvAdapter(Adapter):
+class ConvAdapter(FeedForwardAdapter):
     """``nn.Conv1d/2d/3d`` with any stride, padding (every padding_mode, "same"), dilation and groups."""
 
     def __init__(self, module: nn.modules.conv._ConvNd):
@@ -112,6 +179,8 @@ class ConvAdapter(Adapter):
 
 def _plain(module: nn.Module) -> bool:
     """True when the module computes with its weight exactly as its torch base class does."""
+    if type(module) in (nn.LSTM, nn.GRU) or isinstance(module, nn.RNNCellBase):
+        return False
     for base in SUPPORTED:
         if isinstance(module, base):
             cls = type(module)
@@ -127,8 +196,8 @@ def _is_plain_linear_forward(cls) -> bool:
 
 
 def is_candidate(module: nn.Module) -> bool:
-    """Linear/Conv modules (subclasses included) that a user may want converted."""
-    return isinstance(module, SUPPORTED)
+    """Linear/Conv/recurrent modules (subclasses included) that a user may want converted."""
+    return isinstance(module, CANDIDATES)
 
 
 def adapter_for(module: nn.Module) -> Adapter | None:
@@ -137,4 +206,8 @@ def adapter_for(module: nn.Module) -> Adapter | None:
         return None
     if isinstance(module, nn.Linear):
         return LinearAdapter(module)
+    if isinstance(module, nn.RNN):
+        from .recurrent import RNNAdapter
+
+        return RNNAdapter(module)
     return ConvAdapter(module)

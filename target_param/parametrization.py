@@ -3,8 +3,9 @@
 ``layer.parametrizations.weight.original`` is the target ``T_j``, the only learnable tensor of the layer,
 shaped like the layer's output on the reference batch. ``layer.weight`` and ``layer.bias`` evaluate to
 ``W[0:j] = T_j A[0:j)^‡`` (eq. 6-7), which the shared :class:`~target_param.realise.Realiser` computes for
-all layers at once by one reference pass (Algorithm 2). The bias is parametrized too; its ``original`` is an
-empty, non-persistent placeholder, so no dead tensor is left among the parameters or in the state_dict.
+all layers at once by one reference pass (Algorithm 2). The bias (and, for nn.RNN, ``weight_hh``) is
+parametrized too; its ``original`` is an empty, non-persistent placeholder, so no dead tensor is left among
+the parameters or in the state_dict.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ __all__ = ["TargetParametrization", "copy_with_own_class"]
 
 
 class TargetParametrization(nn.Module):
-    """Evaluates to the realised weight (``which=0``) or bias (``which=1``) of converted layer ``index``."""
+    """Evaluates to the realised tensor ``which`` (e.g. ``"weight"``) of converted layer ``index``."""
 
-    def __init__(self, realiser, index: int, which: int):
+    def __init__(self, realiser, index: int, which: str):
         super().__init__()
         self.realiser = realiser  # a plain object shared by every layer of one conversion
         self.index = index
@@ -44,10 +45,10 @@ class TargetParametrization(nn.Module):
         self.realiser.layer_pre_hook(self.index, args)
 
     def post_hook(self, module: nn.Module, args, output):
-        return self.realiser.layer_post_hook(self.index, output)
+        return self.realiser.layer_post_hook(self.index, args, output)
 
     def extra_repr(self) -> str:
-        return f"{'weight' if self.which == 0 else 'bias'} = T·A^‡ (eq. 6), λ={self.realiser.lam}"
+        return f"{self.which} = T·A^‡ (eq. 6), λ={self.realiser.lam}"
 
 
 def _deepcopy_with_own_class(self, memo):

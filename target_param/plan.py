@@ -47,7 +47,7 @@ class PlannedLayer:
     order: int = -1  # position of the first call in execution order
     functional: list = field(default_factory=list)  # fx nodes that use its weight outside the module
     hidden_in: str | None = None  # the fx leaf block that contains it, if any
-    output: Tensor | None = None  # S_j on the reference batch (weight space)
+    sums: dict | None = None  # S_j on the reference batch (weight space), by target name
 
     @property
     def kind(self) -> str:
@@ -55,21 +55,22 @@ class PlannedLayer:
 
     def stats(self) -> dict:
         """Solve shape and an operation count per training step (eq. 6 plus the reference forward)."""
-        ad = adapter_for(self.module)
-        g, out_g = ad.groups, ad.out_features // ad.groups
-        rows = ad.in_rows()
-        cols = self.output.numel() // ad.out_features
-        dual = uses_dual(rows, cols)
-        if dual:  # XXᵀ, Cholesky, solve, Xᵀ Z, S = W A
-            flops = 2 * cols * cols * rows + cols ** 3 / 3 + 2 * cols * cols * out_g + 4 * cols * rows * out_g
-        else:  # XᵀX, XᵀY, Cholesky, solve, S = W A
-            flops = 2 * cols * rows * rows + 2 * cols * rows * out_g + rows ** 3 / 3 + 2 * rows * rows * out_g \
-                + 2 * cols * rows * out_g
+        problems = adapter_for(self.module).problems(self.sums)
+        flops = 0.0
+        for rows, cols, g, out_g in problems:
+            if uses_dual(rows, cols):  # XXᵀ, Cholesky, solve, Xᵀ Z, S = W A
+                f = 2 * cols * cols * rows + cols ** 3 / 3 + 2 * cols * cols * out_g + 4 * cols * rows * out_g
+            else:  # XᵀX, XᵀY, Cholesky, solve, S = W A
+                f = 2 * cols * rows * rows + 4 * cols * rows * out_g + rows ** 3 / 3 + 2 * rows * rows * out_g
+            flops += g * f
+        rows, cols, g, _ = max(problems)
+        first = next(iter(self.sums.values()))
         return dict(
-            rows=rows, cols=cols, groups=g, dual=dual, full_rank=cols >= rows,
-            target_shape=tuple(self.output.shape), target_size=self.output.numel(),
+            rows=rows, cols=cols, groups=g, dual=uses_dual(rows, cols),
+            full_rank=all(c >= r for r, c, _, _ in problems),
+            target_shape=tuple(first.shape), target_size=sum(t.numel() for t in self.sums.values()),
             weight_size=sum(p.numel() for p in self.module.parameters(recurse=False)),
-            mflops=3 * g * flops / 1e6,  # forward + backward ≈ 3 × forward
+            mflops=3 * flops / 1e6,  # forward + backward ≈ 3 × forward
         )
 
 
@@ -201,10 +202,12 @@ def _run(module: nn.Module, inputs: tuple, planned: list[PlannedLayer] | None, r
     handles, counter = [], iter(range(1 << 30))
     for pl in planned or ():
 
-        def hook(mod, args, out, pl=pl):
+        adapter = adapter_for(pl.module)
+
+        def hook(mod, args, out, pl=pl, adapter=adapter):
             pl.calls += 1
             pl.order = next(counter) if pl.order < 0 else pl.order
-            pl.output = out.detach().clone()
+            pl.sums = {k: v.detach().clone() for k, v in adapter.sums(mod, args, out).items()}
 
         handles.append(pl.module.register_forward_hook(hook))
     buffers = [(b, b._version, b.clone()) for b in module.buffers()]
@@ -294,7 +297,7 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
                     layers=[pl.name for pl in planned.values() if pl.functional],
                 )
             for pl in planned.values():
-                pl.calls, pl.order, pl.output, pl.functional, pl.hidden_in = 0, -1, None, [], None
+                pl.calls, pl.order, pl.sums, pl.functional, pl.hidden_in = 0, -1, None, [], None
             _run(model, inputs, planned.values(), rng, devices)
             gm = None
     if reason is not None and trace:

@@ -25,7 +25,6 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, SolveError
 from .layers import Adapter
-from .solver import ridge_solve
 
 __all__ = ["Realiser", "ConvertedLayer", "frozen_running_stats", "REALISER_ATTR"]
 
@@ -100,8 +99,10 @@ class Realiser:
         return state
 
     # ---------------------------------------------------------------- state
-    def targets(self, i: int) -> Tensor:
-        return self.layers[i].module.parametrizations.weight.original
+    def targets(self, i: int) -> dict[str, Tensor]:
+        """The targets of layer i, by the name of the tensor whose parametrization holds them."""
+        layer = self.layers[i]
+        return {n: layer.module.parametrizations[n].original for n in layer.adapter.targets}
 
     def reference_inputs(self) -> tuple:
         return tuple(getattr(self.root, name) if name else value for name, value in self.reference)
@@ -116,33 +117,14 @@ class Realiser:
         self.cache_has_graph = False
 
     def needs_graph(self) -> bool:
-        return torch.is_grad_enabled() and any(self.targets(i).requires_grad for i in range(len(self.layers)))
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for i in range(len(self.layers)) for t in self.targets(i).values())
 
     def ensure_fresh(self) -> None:
         if self.cache is None or (self.needs_graph() and not self.cache_has_graph) or self.key != self.state_key():
             self.realise()
 
     # ---------------------------------------------------------------- Algorithm 2
-    def solve(self, i: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``W[0:j] = T_j A[0:j)^‡`` (eq. 6) for layer i from its input ``x`` on the reference batch."""
-        layer, t = self.layers[i], self.targets(i)
-        ad = layer.adapter
-        a = ad.patches(x)
-        if ad.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        y = ad.rows(t)
-        if y.shape[-2] != a.shape[-2]:
-            raise ReferenceBatchError(
-                f"Layer '{layer.name}': its input on the reference batch has {a.shape[-2]} columns "
-                f"(n̄ × positions) but its target has {y.shape[-2]}.",
-                "The targets and the reference batch must come from the same conversion; reconvert, or load "
-                "a state_dict saved with the same reference batch size.",
-                layer=layer.name,
-                target_shape=tuple(t.shape),
-                input_shape=tuple(x.shape),
-            )
-        return ad.assemble(ridge_solve(a, y, self.lam, layer.name), t.dtype)
-
     def realise(self) -> None:
         """Run the reference pass once and replace every layer's realised weights (transactionally)."""
         prev, self.phase = self.phase, REFERENCE
@@ -163,7 +145,7 @@ class Realiser:
                     )
             self._check_finite(self.pending)
             self.cache, self.cache_has_graph = self.pending, False
-            graph = [t for wb in self.cache for t in wb if t is not None and t.requires_grad]
+            graph = [t for tensors in self.cache for t in tensors.values() if t.requires_grad]
             if graph:
                 # A backward through these frees their graph: the next read that needs one realises again.
                 self.cache_has_graph = True
@@ -175,15 +157,15 @@ class Realiser:
         self.realisations += 1
 
     def _check_finite(self, realised: list) -> None:
-        flags = torch.stack([torch.isfinite(t).all() for wb in realised for t in wb if t is not None])
+        flags = torch.stack([torch.isfinite(t).all() for tensors in realised for t in tensors.values()])
         if not bool(flags.all()):
             raise self._diagnose(realised)
 
     def _diagnose(self, realised: list) -> SolveError | None:
         """Name the first layer, in execution order, where a non-finite value appears."""
         for i in self.order:
-            layer, t = self.layers[i], self.targets(i)
-            bad = int((~torch.isfinite(t)).sum())
+            layer = self.layers[i]
+            bad = sum(int((~torch.isfinite(t)).sum()) for t in self.targets(i).values())
             if bad:
                 return SolveError(
                     f"Layer '{layer.name}': its targets contain {bad} non-finite value(s).",
@@ -191,8 +173,8 @@ class Realiser:
                     "checkpoint and lower the learning rate.",
                     layer=layer.name,
                 )
-            for what, w in zip(("weight", "bias"), realised[i] or ()):
-                if w is not None and not bool(torch.isfinite(w).all()):
+            for what, w in (realised[i] or {}).items():
+                if not bool(torch.isfinite(w).all()):
                     return SolveError(
                         f"Layer '{layer.name}': the realised {what} is not finite.",
                         "A NaN/Inf reached the layer's input on the reference batch; the targets were left "
@@ -211,8 +193,9 @@ class Realiser:
             captured = self.capture
         finally:
             self.capture = None
-        for i, s in enumerate(captured):
-            self.targets(i).copy_(s)
+        for i, sums in enumerate(captured):
+            for name, t in self.targets(i).items():
+                t.copy_(sums[name])
 
     # ---------------------------------------------------------------- hooks
     def layer_pre_hook(self, i: int, args) -> None:
@@ -221,17 +204,21 @@ class Realiser:
             if self.calls[i] > 1:
                 raise reused_error(self.layers[i].name, self.calls[i])
             self.order.append(i)
-            self.pending[i] = self.solve(i, args[0])
+            layer = self.layers[i]
+            self.pending[i] = layer.adapter.realise(layer.module, args, self.targets(i), self.lam, layer.name,
+                                                    self.cascade == "optimistic")
         elif self.phase == IDLE:
             self.ensure_fresh()
 
-    def layer_post_hook(self, i: int, output: Tensor):
+    def layer_post_hook(self, i: int, args, output):
         if self.phase != REFERENCE:
             return None
+        layer = self.layers[i]
         if self.capture is not None:
-            self.capture[i] = output.detach().clone()
-        if self.cascade == "optimistic":  # OCU (eq. 8): pass the target on, not the achieved sums
-            return self.targets(i).clone()
+            sums = layer.adapter.sums(layer.module, args, output)
+            self.capture[i] = {k: v.detach().clone() for k, v in sums.items()}
+        if self.cascade == "optimistic":  # OCU (eq. 8): pass the targets on, not the achieved sums
+            return layer.adapter.optimistic(layer.module, output, self.targets(i))
         return None
 
     def root_pre_hook(self, module: nn.Module, args) -> None:
@@ -252,8 +239,8 @@ class Realiser:
             else:
                 self.phase = IDLE
 
-    def tensor(self, i: int, which: int) -> Tensor:
-        """The realised weight (0) or bias (1) of layer i, as the parametrization returns it."""
+    def tensor(self, i: int, which: str) -> Tensor:
+        """The realised tensor ``which`` (e.g. "weight") of layer i, as the parametrization returns it."""
         if self.phase == REFERENCE:
             wb = self.pending[i]
             if wb is None:
