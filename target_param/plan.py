@@ -101,8 +101,8 @@ class Plan:
             ))
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         fmt = "  ".join("{:<%d}" % w for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows]
+        lines = [fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r).rstrip() for r in rows]
         how = "torch.fx" if self.traced else f"hooks (fx fallback: {self.fallback_reason})"
         lines.append(f"{len(self.layers)} layers, planned with {how}; target parameters {t_total:,} vs "
                      f"weight parameters {w_total:,} ({t_total / max(w_total, 1):.2f}×)")
