@@ -21,3 +21,6 @@ demo: $(VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench.py

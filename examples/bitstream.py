@@ -33,7 +33,7 @@ after every run, so an interrupted sweep keeps what it finished.
 
     python examples/bitstream.py                         # the paper's settings (very long on a CPU)
     python examples/bitstream.py --task add --N 2,4,8 --iters 5000 --seeds 3
-    python examples/bitstream.py --quick                 # a smoke test, under a minute
+    python examples/bitstream.py --quick                 # a smoke test (N = 2, 3; 100 iterations)
 """
 from __future__ import annotations
 
@@ -283,10 +283,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-early-stop", action="store_true", help="keep training after success")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (the nets are tiny)")
     p.add_argument("--out", type=Path, default=Path("docs/bitstream"), help="output folder")
-    p.add_argument("--quick", action="store_true", help="N = 2, 4; 300 iterations; 1 seed: a smoke test")
+    p.add_argument("--quick", action="store_true", help="N = 2, 3; 100 iterations; 1 seed; small data: a smoke test")
     args = p.parse_args(argv)
     if args.quick:
-        args.N, args.seeds, args.iters, args.eval_every = "2,4", 1, min(args.iters, 300), min(args.eval_every, 50)
+        args.N, args.seeds, args.iters, args.eval_every = "2,3", 1, min(args.iters, 100), min(args.eval_every, 50)
         args.n_train, args.n_test = min(args.n_train, 1000), min(args.n_test, 200)
     args.delays = sorted({int(n) for n in args.N.split(",")})
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -330,7 +330,7 @@ def to_target_space(
                 for n, s in pl.sums.items()}
             _register(realiser, k, targets)
         model.__dict__[REALISER_ATTR] = realiser
-        model.register_forward_pre_hook(realiser.root_pre_hook)
+        model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True)  # before a layer's own hook
         model.register_forward_hook(realiser.root_post_hook, always_call=True)
         if init == "random":
             realiser.project()

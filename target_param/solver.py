@@ -73,6 +73,70 @@ def _factor(gram: Tensor, lam: float, layer: str) -> Tensor:
     )
 
 
+def _solve(rhs: Tensor, factor: Tensor) -> Tensor:
+    """``K⁻¹ rhs`` from the Cholesky factor of K (which may be float64 after a retry)."""
+    return torch.cholesky_solve(rhs.to(factor.dtype), factor).to(rhs.dtype)
+
+
+def _ridge_autograd(x: Tensor, y: Tensor, lam: float, layer: str) -> Tensor:
+    """Eq. 7 / eq. 23 with plain autograd through Gram and Cholesky (the reference for double backward)."""
+    xt = x.mT
+    if uses_dual(x.shape[-1], x.shape[-2]):
+        return xt @ _solve(y, _factor(x @ xt, lam, layer))
+    return _solve(xt @ y, _factor(xt @ x, lam, layer))
+
+
+class _Ridge(torch.autograd.Function):
+    """The ridge solve with the analytic backward of Algorithm 3 (row layout, per group).
+
+    With ``K`` the factorised Gram, ``W = K⁻¹XᵀY`` (primal) or ``W = XᵀK⁻¹Y`` (dual), ``S = XW`` and
+    ``Z = (XᵀX + λI)⁻¹ Ŵ``:
+
+        dL/dY = X Z,        dL/dX = (Y − S) Zᵀ − (X Z) Wᵀ
+
+    i.e. the paper's ``∂L/∂T = Ḡ A`` and ``δA = Ḡᵀ(T − S) − Wᵀ Ḡ A`` with ``Ḡ = Ŵᵀ(AAᵀ + λI)⁻¹``. The dual
+    form uses ``X Z = K⁻¹ X Ŵ`` and ``Y − S = λ K⁻¹ Y``. The backward reuses the forward's Cholesky
+    factor and needs no Gram-sized product; double backward falls back to autograd through
+    ``_ridge_autograd``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, lam, layer):
+        xt = x.mT
+        ctx.dual, ctx.lam, ctx.layer = uses_dual(x.shape[-1], x.shape[-2]), lam, layer
+        if ctx.dual:
+            factor = _factor(x @ xt, lam, layer)
+            m = _solve(y, factor)
+            w = xt @ m
+            ctx.save_for_backward(x, y, w, factor, m)
+        else:
+            factor = _factor(xt @ x, lam, layer)
+            w = _solve(xt @ y, factor)
+            ctx.save_for_backward(x, y, w, factor)
+        return w
+
+    @staticmethod
+    def backward(ctx, gw):
+        x, y, w, factor, *m = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain formula instead
+            inputs = [t for t, need in ((x, need_x), (y, need_y)) if need]
+            grads = iter(torch.autograd.grad(_ridge_autograd(x, y, ctx.lam, ctx.layer), inputs, gw,
+                                             create_graph=True))
+            return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None
+        gx = None
+        if ctx.dual:
+            u = _solve(x @ gw, factor)  # X Z
+            if need_x:
+                gx = m[0] @ (gw.mT - u.mT @ x) - u @ w.mT
+        else:
+            z = _solve(gw, factor)
+            u = x @ z
+            if need_x:
+                gx = (y - x @ w) @ z.mT - u @ w.mT
+        return gx, (u if need_y else None), None, None
+
+
 def ridge_solve(x: Tensor, y: Tensor, lam: float, layer: str = "?") -> Tensor:
     """``argmin_W ||x W − y||² + λ||W||²`` for each leading (group) index.
 
@@ -83,14 +147,11 @@ def ridge_solve(x: Tensor, y: Tensor, lam: float, layer: str = "?") -> Tensor:
         layer: the layer's name, for error messages.
 
     Returns:
-        (G, d, o): ``Wᵀ = (A^‡)ᵀ Tᵀ`` in the dtype ``solve_dtype(x.dtype)``.
+        (G, d, o): ``Wᵀ = (A^‡)ᵀ Tᵀ`` in the dtype ``solve_dtype(x.dtype)``; differentiable in x and y
+        (Algorithm 3, by :class:`_Ridge`).
     """
     dtype = solve_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
-    xt = x.mT
-    if uses_dual(x.shape[-1], x.shape[-2]):
-        factor = _factor(x @ xt, lam, layer)
-        z = torch.cholesky_solve(y.to(factor.dtype), factor).to(dtype)
-        return xt @ z
-    factor = _factor(xt @ x, lam, layer)
-    return torch.cholesky_solve((xt @ y).to(factor.dtype), factor).to(dtype)
+    if torch._C._are_functorch_transforms_active():  # torch.func (vmap/jvp/grad): plain autograd
+        return _ridge_autograd(x, y, lam, layer)
+    return _Ridge.apply(x, y, lam, layer)

@@ -36,3 +36,36 @@ def test_two_spirals_quick(tmp_path):
         assert res["seconds_per_iter_median"] > 0
     # Leaving target space keeps the trained function.
     assert summary["target_space"]["conversion_max_abs_logit_change"] < 1e-3
+
+
+def test_bitstream_quick(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "bitstream.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    methods = {"target_scu", "target_ocu", "weight", "lstm"}
+    for task in ("memorise", "add"):
+        png, js = tmp_path / f"bitstream_{task}.png", tmp_path / f"bitstream_{task}.json"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        summary = json.loads(js.read_text())
+        assert summary["task"] == task and summary["complete"]
+        budget = summary["budget_iters"]
+        assert budget == summary["config"]["iters"] == 100
+        runs = summary["runs"]
+        assert {(r["N"], r["method"]) for r in runs} == {(n, m) for n in (2, 3) for m in methods}
+        for r in runs:
+            assert 0.0 <= r["final_test_acc"] <= r["best_test_acc"] <= 1.0, r
+            assert r["hidden"] == r["N"] + (3 if task == "memorise" else 5)
+            assert r["length"] == r["N"] + 50
+            assert r["wall_seconds"] > 0 and r["seconds_per_iter_median"] > 0
+            assert r["success"] == (r["iters_to_success"] is not None)
+            if r["success"]:
+                assert 0 <= r["iters_to_success"] <= budget and r["best_test_acc"] >= 0.99
+            else:
+                assert r["iters_run"] == budget and r["best_test_acc"] < 0.99
+            assert r["curve"]["iter"][0] == 0
+        for m in methods:
+            for n in ("2", "3"):
+                cell = summary["summary"][m][n]
+                assert cell["trials"] == 1 and 0.0 <= cell["success_ratio"] <= 1.0
