@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ReferenceBatchError
-from .solver import ridge_solve
+from .solver import factor_gram, plain_autograd, ridge_autograd, ridge_solve, solve_dtype, solve_with, uses_dual
 
 __all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate",
            "SUPPORTED", "CANDIDATES"]
@@ -158,11 +158,17 @@ class ConvAdapter(FeedForwardAdapter):
     def in_rows(self) -> int:
         return self.in_per_group * math.prod(self.kernel_size) + self.has_bias
 
-    def patches(self, x):
-        """im2col by strided views: (G, n̄ × positions, C_in/G × k), columns ordered like the weight."""
+    def pad_input(self, x: Tensor) -> Tensor:
         if any(self.pad):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self.pad, mode=mode)
+        return x
+
+    def patches(self, x):
+        return self.patches_padded(self.pad_input(x))
+
+    def patches_padded(self, x):
+        """im2col by strided views: (G, n̄ × positions, C_in/G × k), columns ordered like the weight."""
         for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
             x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
         n, nd, g = x.shape[0], self.nd, self.groups
@@ -172,9 +178,88 @@ class ConvAdapter(FeedForwardAdapter):
         perm = [1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)]
         return x.permute(perm).reshape(g, -1, self.in_per_group * math.prod(self.kernel_size))
 
+    def realise(self, module, args, targets, lam, name, optimistic):
+        t = targets["weight"]
+        cols = t.numel() // self.out_features
+        if plain_autograd() or uses_dual(self.in_rows(), cols) or t.shape[0] != args[0].shape[0]:
+            return super().realise(module, args, targets, lam, name, optimistic)
+        dtype = solve_dtype(t.dtype)
+        xp = self.pad_input(args[0]).to(dtype)
+        w, b = self.assemble(_ConvRidge.apply(xp, t.to(dtype), self, lam, name), t.dtype)
+        return {"weight": w, "bias": b} if self.has_bias else {"weight": w}
+
+    # conv-shaped products: T·Aᵀ is a conv weight-gradient, X·Z a conv, and the patch-space gradient
+    # folded back onto the input a transposed conv, so only the Gram needs the im2col matrix.
+    def conv(self, x, wt):
+        w, b = self.assemble(wt, wt.dtype)
+        return _CONV[self.nd](x, w, b, self.stride, 0, self.dilation, self.groups)
+
+    def cross(self, x, t):
+        """``XᵀY`` (G, d [+1], o) without im2col: the conv weight-gradient of x for grad-output t."""
+        xy = _CONV_WEIGHT[self.nd](x, self.weight_shape, t, self.stride, 0, self.dilation, self.groups)
+        xy = xy.reshape(self.groups, self.out_features // self.groups, -1).mT
+        if self.has_bias:
+            tb = t.sum([0, *range(2, t.dim())]).reshape(self.groups, 1, -1)
+            xy = torch.cat([xy, tb], 1)
+        return xy
+
+    def fold(self, shape, wt, grad):
+        """col2im of ``grad · wᵀ`` (patch-space gradient) onto the padded input: a transposed conv."""
+        w, _ = self.assemble(wt, wt.dtype)
+        return _CONV_INPUT[self.nd](shape, w, grad, self.stride, 0, self.dilation, self.groups)
+
     def rows(self, t):
         n, g = t.shape[0], self.groups
         return t.reshape(n, g, self.out_features // g, -1).permute(1, 0, 3, 2).reshape(g, -1, self.out_features // g)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+
+
+class _ConvRidge(torch.autograd.Function):
+    """Eq. 7 for a conv layer (primal form), with the backward of ``solver._Ridge`` in conv form.
+
+    Forward: ``K = XᵀX + λI`` from the im2col matrix (freed right away), ``XᵀY`` as a conv weight-gradient,
+    ``W = K⁻¹XᵀY``. Backward, with ``Z = K⁻¹Ŵ``: ``dL/dT = X Z`` is a conv of the input with kernel Z, and
+    ``dL/dX = (Y − S)Zᵀ − (XZ)Wᵀ`` folded onto the input is two transposed convs (``S`` a conv with W).
+    """
+
+    @staticmethod
+    def forward(ctx, xp, t, ad, lam, layer):
+        a = ad.patches_padded(xp)
+        gram = a.mT @ a
+        if ad.has_bias:
+            s = a.sum(1)
+            corner = torch.full((ad.groups, 1, 1), a.shape[1], dtype=a.dtype, device=a.device)
+            gram = torch.cat([torch.cat([gram, s[..., None]], 2), torch.cat([s[:, None], corner], 2)], 1)
+        del a
+        factor = factor_gram(gram, lam, layer)
+        w = solve_with(ad.cross(xp, t), factor)
+        ctx.ad, ctx.lam, ctx.layer = ad, lam, layer
+        ctx.save_for_backward(xp, t, w, factor)
+        return w
+
+    @staticmethod
+    def backward(ctx, gw):
+        xp, t, w, factor = ctx.saved_tensors
+        ad = ctx.ad
+        need_x, need_t = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain im2col formula instead
+            a = ad.patches_padded(xp)
+            if ad.has_bias:
+                a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)
+            inputs = [v for v, need in ((xp, need_x), (t, need_t)) if need]
+            grads = iter(torch.autograd.grad(ridge_autograd(a, ad.rows(t), ctx.lam, ctx.layer), inputs, gw,
+                                             create_graph=True))
+            return (next(grads) if need_x else None), (next(grads) if need_t else None), None, None, None
+        z = solve_with(gw, factor)
+        xz = ad.conv(xp, z)  # dL/dT
+        gx = None
+        if need_x:
+            gx = ad.fold(xp.shape, z, t - ad.conv(xp, w)) - ad.fold(xp.shape, w, xz)
+        return gx, (xz if need_t else None), None, None, None
 
 
 def _plain(module: nn.Module) -> bool:

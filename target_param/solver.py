@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .errors import IllConditionedWarning, SolveError
 
-__all__ = ["ridge_solve", "solve_dtype", "uses_dual"]
+__all__ = ["ridge_solve", "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd", "plain_autograd"]
 
 
 def solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,7 +32,7 @@ def uses_dual(rows: int, cols: int) -> bool:
     return cols < rows
 
 
-def _factor(gram: Tensor, lam: float, layer: str) -> Tensor:
+def factor_gram(gram: Tensor, lam: float, layer: str) -> Tensor:
     """Cholesky factor of ``gram + λI``. On failure retry in float64, then with growing jitter."""
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     k = gram + lam * eye if lam else gram
@@ -73,17 +73,22 @@ def _factor(gram: Tensor, lam: float, layer: str) -> Tensor:
     )
 
 
-def _solve(rhs: Tensor, factor: Tensor) -> Tensor:
+def solve_with(rhs: Tensor, factor: Tensor) -> Tensor:
     """``K⁻¹ rhs`` from the Cholesky factor of K (which may be float64 after a retry)."""
     return torch.cholesky_solve(rhs.to(factor.dtype), factor).to(rhs.dtype)
 
 
-def _ridge_autograd(x: Tensor, y: Tensor, lam: float, layer: str) -> Tensor:
+def ridge_autograd(x: Tensor, y: Tensor, lam: float, layer: str) -> Tensor:
     """Eq. 7 / eq. 23 with plain autograd through Gram and Cholesky (the reference for double backward)."""
     xt = x.mT
     if uses_dual(x.shape[-1], x.shape[-2]):
-        return xt @ _solve(y, _factor(x @ xt, lam, layer))
-    return _solve(xt @ y, _factor(xt @ x, lam, layer))
+        return xt @ solve_with(y, factor_gram(x @ xt, lam, layer))
+    return solve_with(xt @ y, factor_gram(xt @ x, lam, layer))
+
+
+def plain_autograd() -> bool:
+    """Under torch.func transforms (vmap/jvp/grad) the custom Functions defer to plain autograd."""
+    return torch._C._are_functorch_transforms_active()
 
 
 class _Ridge(torch.autograd.Function):
@@ -97,7 +102,7 @@ class _Ridge(torch.autograd.Function):
     i.e. the paper's ``∂L/∂T = Ḡ A`` and ``δA = Ḡᵀ(T − S) − Wᵀ Ḡ A`` with ``Ḡ = Ŵᵀ(AAᵀ + λI)⁻¹``. The dual
     form uses ``X Z = K⁻¹ X Ŵ`` and ``Y − S = λ K⁻¹ Y``. The backward reuses the forward's Cholesky
     factor and needs no Gram-sized product; double backward falls back to autograd through
-    ``_ridge_autograd``.
+    ``ridge_autograd``.
     """
 
     @staticmethod
@@ -105,13 +110,13 @@ class _Ridge(torch.autograd.Function):
         xt = x.mT
         ctx.dual, ctx.lam, ctx.layer = uses_dual(x.shape[-1], x.shape[-2]), lam, layer
         if ctx.dual:
-            factor = _factor(x @ xt, lam, layer)
-            m = _solve(y, factor)
+            factor = factor_gram(x @ xt, lam, layer)
+            m = solve_with(y, factor)
             w = xt @ m
             ctx.save_for_backward(x, y, w, factor, m)
         else:
-            factor = _factor(xt @ x, lam, layer)
-            w = _solve(xt @ y, factor)
+            factor = factor_gram(xt @ x, lam, layer)
+            w = solve_with(xt @ y, factor)
             ctx.save_for_backward(x, y, w, factor)
         return w
 
@@ -121,16 +126,16 @@ class _Ridge(torch.autograd.Function):
         need_x, need_y = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain formula instead
             inputs = [t for t, need in ((x, need_x), (y, need_y)) if need]
-            grads = iter(torch.autograd.grad(_ridge_autograd(x, y, ctx.lam, ctx.layer), inputs, gw,
+            grads = iter(torch.autograd.grad(ridge_autograd(x, y, ctx.lam, ctx.layer), inputs, gw,
                                              create_graph=True))
             return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None
         gx = None
         if ctx.dual:
-            u = _solve(x @ gw, factor)  # X Z
+            u = solve_with(x @ gw, factor)  # X Z
             if need_x:
                 gx = m[0] @ (gw.mT - u.mT @ x) - u @ w.mT
         else:
-            z = _solve(gw, factor)
+            z = solve_with(gw, factor)
             u = x @ z
             if need_x:
                 gx = (y - x @ w) @ z.mT - u @ w.mT
@@ -152,6 +157,6 @@ def ridge_solve(x: Tensor, y: Tensor, lam: float, layer: str = "?") -> Tensor:
     """
     dtype = solve_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
-    if torch._C._are_functorch_transforms_active():  # torch.func (vmap/jvp/grad): plain autograd
-        return _ridge_autograd(x, y, lam, layer)
+    if plain_autograd():
+        return ridge_autograd(x, y, lam, layer)
     return _Ridge.apply(x, y, lam, layer)
