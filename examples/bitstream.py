@@ -229,14 +229,18 @@ def summarise(runs: list[dict], task: str, delays: list[int], methods: list[str]
 
 def plot(table: dict, task: str, args, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for m, per_n in table.items():
+    all_ns = sorted({int(n) for per_n in table.values() for n in per_n})
+    step = min((b - a for a, b in zip(all_ns, all_ns[1:])), default=1)
+    for i, (m, per_n) in enumerate(table.items()):
         colour, marker = STYLES[m]
         ns = sorted(int(n) for n in per_n)
-        ax1.plot(ns, [per_n[str(n)]["success_ratio"] for n in ns], marker=marker, color=colour, label=LABELS[m])
-        pts = [(n, per_n[str(n)]["mean_iters_to_success"]) for n in ns
+        dx = (i - (len(table) - 1) / 2) * 0.04 * step  # a small sideways offset, so equal points stay visible
+        ax1.plot([n + dx for n in ns], [per_n[str(n)]["success_ratio"] for n in ns], marker=marker, color=colour,
+                 label=LABELS[m], alpha=0.85)
+        pts = [(n + dx, per_n[str(n)]["mean_iters_to_success"]) for n in ns
                if per_n[str(n)]["mean_iters_to_success"] is not None]
         if pts:
-            ax2.plot(*zip(*pts), marker=marker, color=colour, label=LABELS[m])
+            ax2.plot(*zip(*pts), marker=marker, color=colour, label=LABELS[m], alpha=0.85)
     ax1.set_xlabel("delay length N")
     ax1.set_ylabel("ratio of successful trials")
     ax1.set_ylim(-0.05, 1.05)
@@ -247,14 +251,15 @@ def plot(table: dict, task: str, args, path: Path) -> None:
     ax2.axhline(args.iters, color="0.6", lw=0.8, ls="--", label=f"budget ({args.iters:,} iterations)")
     ax2.set_title("Iterations to success")
     for ax in (ax1, ax2):
+        ax.set_xticks(all_ns)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     what = "Memorisation of a delayed bit stream (Fig. 8)" if task == "memorise" else \
         "Addition of a bit stream to its delayed self (Fig. 9)"
     fig.suptitle(f"{what}: RNN 1-(N+{args.spare_memorise if task == 'memorise' else args.spare_add})-2, "
-                 f"Adam lr {args.lr}, budget {args.iters:,} iterations, {len(args.seed_list)} seed(s) per point",
-                 fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+                 f"Adam lr {args.lr}, budget {args.iters:,} iterations, {len(args.seed_list)} seed(s) per point\n"
+                 "(methods offset slightly sideways so that coinciding points stay visible)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -283,6 +288,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-early-stop", action="store_true", help="keep training after success")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (the nets are tiny)")
     p.add_argument("--out", type=Path, default=Path("docs/bitstream"), help="output folder")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw bitstream_<task>.png from the bitstream_<task>.json already in --out, no training")
     p.add_argument("--quick", action="store_true", help="N = 2, 3; 100 iterations; 1 seed; small data: a smoke test")
     args = p.parse_args(argv)
     if args.quick:
@@ -307,6 +314,17 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = {}
+    if args.plot_only:
+        for task in args.tasks:
+            js = args.out / f"bitstream_{task}.json"
+            if not js.is_file():
+                continue
+            summary = json.loads(js.read_text())
+            saved = argparse.Namespace(**summary["config"])
+            plot(summary["summary"], task, saved, args.out / f"bitstream_{task}.png")
+            print(f"redrew {args.out / f'bitstream_{task}.png'} from {js}")
+            results[task] = summary
+        return results
     for task in args.tasks:
         jobs = [(n, m, s) for n in args.delays for m in args.method_list for s in args.seed_list]
         runs, t0 = [], time.perf_counter()

@@ -178,6 +178,31 @@ class ConvAdapter(FeedForwardAdapter):
         perm = [1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)]
         return x.permute(perm).reshape(g, -1, self.in_per_group * math.prod(self.kernel_size))
 
+    def gram(self, xp: Tensor) -> Tensor:
+        """``XᵀX`` (G, d [+1], d [+1]) of the patches of the padded input, with the ones row for the bias.
+
+        Stride-1 1-D/2-D convs use the shift structure of overlapping patches (paper footnote 3): block
+        ((c,a,b), (c',a',b')) is the correlation of channels c and c' at shift δ = (a'−a, b'−b), summed over
+        the window of kernel offset (a,b). All (2k−1)² full-overlap correlations come from one conv
+        weight-gradient of the input with itself; each block then subtracts the few border rows and
+        columns that lie outside its window. Other convs build the im2col matrix.
+        """
+        out = [p - d * (k - 1) for p, d, k in zip(xp.shape[2:], self.dilation, self.kernel_size)]
+        if any(s != 1 for s in self.stride) or self.nd > 2 or min(out) < _SHIFT_GRAM_MIN:
+            a = self.patches_padded(xp)
+            gram = a.mT @ a
+            sums = a.sum(1)
+        else:
+            gram, sums = _shift_gram(xp if self.nd == 2 else xp[:, :, None], self.groups,
+                                     (1,) * (2 - self.nd) + self.kernel_size, (1,) * (2 - self.nd) + self.dilation)
+        if not self.has_bias:
+            return gram
+        n = xp.shape[0] * math.prod(
+            (p - d * (k - 1) - 1) // s + 1
+            for p, d, k, s in zip(xp.shape[2:], self.dilation, self.kernel_size, self.stride))
+        corner = torch.full((self.groups, 1, 1), float(n), dtype=xp.dtype, device=xp.device)
+        return torch.cat([torch.cat([gram, sums[..., None]], 2), torch.cat([sums[:, None], corner], 2)], 1)
+
     def realise(self, module, args, targets, lam, name, optimistic):
         t = targets["weight"]
         cols = t.numel() // self.out_features
@@ -213,29 +238,91 @@ class ConvAdapter(FeedForwardAdapter):
         return t.reshape(n, g, self.out_features // g, -1).permute(1, 0, 3, 2).reshape(g, -1, self.out_features // g)
 
 
+# Below this many output rows (or columns) the border corrections outweigh the saving: im2col Gram.
+# Measured on this project's 2-core CPU (100 images, 3×3): 32×32 maps 1.9× faster, 16×16 1.2×, 8×8 0.6×.
+_SHIFT_GRAM_MIN = 16
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 _CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 
 
+def _border(n: int, k: int, d: int, out: int, a: int, sa: int) -> list[slice]:
+    """Rows (of n) that shift ``sa`` can pair but kernel offset ``a``'s window of ``out`` rows leaves out."""
+    shift = d * sa
+    valid, win = range(max(0, -shift), n - max(0, shift)), range(d * a, d * a + out)
+    return [slice(i, j) for i, j in ((valid.start, win.start), (win.stop, valid.stop)) if j > i]
+
+
+def _shifted(s: slice, by: int) -> slice:
+    return slice(s.start + by, s.stop + by)
+
+
+def _strips(x: Tensor, groups: int, kernel: tuple, dilation: tuple) -> dict:
+    """For kernel row a and row shift sa: the correlation of the border rows ``_border(..)`` with the rows
+    ``sa`` below, summed over every valid column, for all column shifts at once: (G, cg, cg, 2kw − 1)."""
+    n, c, hp, wp = x.shape
+    (kh, kw), (dh, dw) = kernel, dilation
+    out = {}
+    for a in range(kh):
+        for sa in range(-a, kh - a):  # the partner offset a + sa is a kernel row
+            rows = _border(hp, kh, dh, hp - dh * (kh - 1), a, sa)
+            if rows:
+                grad = torch.cat([x[:, :, r] for r in rows], 2)
+                inp = F.pad(torch.cat([x[:, :, _shifted(r, dh * sa)] for r in rows], 2), (dw * (kw - 1),) * 2)
+                w = torch.nn.grad.conv2d_weight(inp, (c, c // groups, 1, 2 * kw - 1), grad, 1, 0, (1, dw), groups)
+                out[a, sa] = w.reshape(groups, c // groups, c // groups, 2 * kw - 1)
+    return out
+
+
+def _shift_gram(x: Tensor, groups: int, kernel: tuple, dilation: tuple) -> tuple[Tensor, Tensor]:
+    """Gram and column sums of the stride-1 patches of the (already padded) input x (n, C, H, W).
+
+    Block ((c,a,b), (c',a',b')) sums x[c, u, v]·x[c', u + dh(a'−a), v + dw(b'−b)] over the window of
+    offset (a, b); by inclusion–exclusion it is the full-overlap correlation at that shift, minus the
+    border rows, minus the border columns, plus the border corners.
+    """
+    n, c, hp, wp = x.shape
+    cg, (kh, kw), (dh, dw) = c // groups, kernel, dilation
+    ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    padded = F.pad(x, (dw * (kw - 1),) * 2 + (dh * (kh - 1),) * 2)
+    full = torch.nn.grad.conv2d_weight(padded, (c, cg, 2 * kh - 1, 2 * kw - 1), x, 1, 0, (dh, dw), groups)
+    full = full.reshape(groups, cg, cg, 2 * kh - 1, 2 * kw - 1)
+    rows = _strips(x, groups, kernel, dilation)
+    cols = _strips(x.transpose(2, 3).contiguous(), groups, kernel[::-1], dilation[::-1])
+    xg = x.reshape(n, groups, cg, hp, wp)
+    gram = x.new_empty(groups, cg, kh, kw, cg, kh, kw)
+    offsets = [(a, b) for a in range(kh) for b in range(kw)]
+    for i, (a, b) in enumerate(offsets):
+        for a2, b2 in offsets[i:]:
+            sa, sb = a2 - a, b2 - b
+            block = full[..., kh - 1 + sa, kw - 1 + sb]
+            if (a, sa) in rows:
+                block = block - rows[a, sa][..., kw - 1 + sb]
+            if (b, sb) in cols:
+                block = block - cols[b, sb][..., kh - 1 + sa]
+                for r in _border(hp, kh, dh, ho, a, sa):
+                    for q in _border(wp, kw, dw, wo, b, sb):
+                        first = xg[:, :, :, r, q]
+                        second = xg[:, :, :, _shifted(r, dh * sa), _shifted(q, dw * sb)]
+                        block = block + torch.einsum("ngchw,ngdhw->gcd", first, second)
+            gram[:, :, a, b, :, a2, b2] = block
+            gram[:, :, a2, b2, :, a, b] = block.mT
+    sums = torch.stack([xg[:, :, :, dh * a:dh * a + ho, dw * b:dw * b + wo].sum((0, 3, 4)) for a, b in offsets], -1)
+    d = cg * kh * kw
+    return gram.reshape(groups, d, d), sums.reshape(groups, d)
+
+
 class _ConvRidge(torch.autograd.Function):
     """Eq. 7 for a conv layer (primal form), with the backward of ``solver._Ridge`` in conv form.
 
-    Forward: ``K = XᵀX + λI`` from the im2col matrix (freed right away), ``XᵀY`` as a conv weight-gradient,
+    Forward: ``K = XᵀX + λI`` (by shifts for stride-1 convs, see ``ConvAdapter.gram``), ``XᵀY`` as a conv weight-gradient,
     ``W = K⁻¹XᵀY``. Backward, with ``Z = K⁻¹Ŵ``: ``dL/dT = X Z`` is a conv of the input with kernel Z, and
     ``dL/dX = (Y − S)Zᵀ − (XZ)Wᵀ`` folded onto the input is two transposed convs (``S`` a conv with W).
     """
 
     @staticmethod
     def forward(ctx, xp, t, ad, lam, layer):
-        a = ad.patches_padded(xp)
-        gram = a.mT @ a
-        if ad.has_bias:
-            s = a.sum(1)
-            corner = torch.full((ad.groups, 1, 1), a.shape[1], dtype=a.dtype, device=a.device)
-            gram = torch.cat([torch.cat([gram, s[..., None]], 2), torch.cat([s[:, None], corner], 2)], 1)
-        del a
-        factor = factor_gram(gram, lam, layer)
+        factor = factor_gram(ad.gram(xp), lam, layer)
         w = solve_with(ad.cross(xp, t), factor)
         ctx.ad, ctx.lam, ctx.layer = ad, lam, layer
         ctx.save_for_backward(xp, t, w, factor)

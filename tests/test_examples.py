@@ -69,3 +69,36 @@ def test_bitstream_quick(tmp_path):
             for n in ("2", "3"):
                 cell = summary["summary"][m][n]
                 assert cell["trials"] == 1 and 0.0 <= cell["success_ratio"] <= 1.0
+
+
+@pytest.mark.parametrize("part", ["fig5", "fig6", "fig7"])
+def test_two_spirals_study_quick(tmp_path, part):
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "two_spirals_study.py"), "--quick", "--only", part, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    png = tmp_path / f"two_spirals_{part}.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "two_spirals_study.md").read_text()
+    assert "| method |" in md and "median epochs to 100% train" in md
+    summary = json.loads((tmp_path / "two_spirals_study.json").read_text())
+    cfg = summary["config"]
+    assert cfg["only"] == [part] and cfg["epochs"] == 100 and cfg["epochs_sens"] == 50
+    if part == "fig7":
+        expected = {f"nbar={n}" for n in (8, 17, 194)} | {f"lam={x:g}" for x in (1e-5, 1e-3, 1.0)}
+    else:
+        expected = {"fig5": {"gd_target", "gd_weight", "adam_target", "adam_weight"},
+                    "fig6": {"adam_target", "adam_ocu", "adam_weight", "adam_weight_bn"}}[part]
+    assert set(summary["summary"]) == expected
+    for name, s in summary["summary"].items():
+        assert s["seeds"] == (1 if part == "fig7" else 2)
+        assert 0 <= s["reached_100pct"] <= s["seeds"]
+        mean, std = s["final_test_acc_mean_std"]
+        assert mean is None or (0.0 <= mean <= 1.0 and std >= 0.0)
+    for r in summary["runs"]:
+        if r["error"] is None:
+            budget = 50 if part == "fig7" else 100
+            assert r["curve"]["iter"][0] == 0 and r["curve"]["iter"][-1] == budget
+            assert all(0.0 <= a <= 1.0 for a in r["curve"]["train_acc"] + r["curve"]["test_acc"])
+            assert r["first_100pct_train_iter"] is None or 0 <= r["first_100pct_train_iter"] <= budget
