@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .errors import FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, SolveError
+from .errors import FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, SolveError, TargetSpaceError
 from .layers import Adapter
 
 __all__ = ["Realiser", "ConvertedLayer", "frozen_running_stats", "REALISER_ATTR"]
@@ -135,6 +135,17 @@ class Realiser:
                     (self.graph_module or self.root)(*self.reference_inputs())
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
+            except TargetSpaceError:
+                raise
+            except Exception as e:
+                raise ReferenceBatchError(
+                    "The model's forward raised on the reference batch during realisation; the realised "
+                    "weights and the targets are unchanged.",
+                    "The reference pass runs in the model's current mode: in train mode, BatchNorm needs "
+                    "n̄ > 1 patterns, for example.",
+                    training=self.root.training,
+                    error=f"{type(e).__name__}: {e}",
+                ) from e
             for layer, calls in zip(self.layers, self.calls):
                 if calls == 0:
                     raise ReferenceBatchError(

@@ -46,7 +46,7 @@ def factor_gram(gram: Tensor, lam: float, layer: str) -> Tensor:
             layer=layer,
         )
     k64 = k.double()
-    scale = k64.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    scale = k64.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-6)  # a zero Gram too
     jitter = 0.0
     for attempt in range(8):
         trial = k64 + (jitter * scale)[..., None] * torch.eye(k.shape[-1], dtype=torch.float64, device=k.device)
