@@ -77,9 +77,12 @@ class TwoSpiralsNet(nn.Module):
     logits for softmax + cross-entropy.
     """
 
-    def __init__(self, n_in: int = 2, hidden: tuple[int, ...] = (5, 5, 5), n_out: int = 2):
+    def __init__(self, n_in: int = 2, hidden: tuple[int, ...] = (5, 5, 5), n_out: int = 2,
+                 batchnorm: bool = False):
         super().__init__()
         self.hidden = nn.ModuleList()
+        # Optional BatchNorm1d after each hidden Linear, before tanh (the weight-space + BN baseline of Fig. 6).
+        self.norms = nn.ModuleList([nn.BatchNorm1d(h) for h in hidden]) if batchnorm else None
         width = n_in
         for h in hidden:
             self.hidden.append(nn.Linear(width, h))
@@ -95,8 +98,11 @@ class TwoSpiralsNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         feats = x
-        for layer in self.hidden:
-            feats = torch.cat([feats, torch.tanh(layer(feats))], dim=1)
+        for k, layer in enumerate(self.hidden):
+            s = layer(feats)
+            if self.norms is not None:
+                s = self.norms[k](s)
+            feats = torch.cat([feats, torch.tanh(s)], dim=1)
         return self.out(feats)
 
 
@@ -108,21 +114,28 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """(cross-entropy loss, accuracy) of ``model`` on (x, y)."""
+    """(cross-entropy loss, accuracy) of ``model`` on (x, y), in eval mode (BatchNorm uses running stats)."""
+    was_training = model.training
+    model.eval()
     logits = model(x)
+    model.train(was_training)
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def train(name: str, model: nn.Module, data: dict[str, Tensor], args, device: torch.device) -> dict:
-    """Full-batch Adam. The loop is the same for both spaces; only the model was converted beforehand.
+def train(name: str, model: nn.Module, data: dict[str, Tensor], args, device: torch.device, *,
+          lr: float | None = None, optimizer: str = "adam", progress: bool = True) -> dict:
+    """Full-batch Adam (or plain SGD: ``optimizer="sgd"``, batch gradient descent, Fig. 5-left). The loop is the
+    same for both spaces; only the model was converted beforehand. ``lr`` defaults to ``--lr-target`` or
+    ``--lr-weight`` by ``name``.
 
     The training accuracy is read every iteration from the logits of the training forward pass itself (the
     model after ``it`` updates), so the first iteration with 100% training accuracy costs nothing extra.
     The full evaluation (loss and accuracy on both sets) runs every ``--eval-every`` iterations and is not
     timed.
     """
-    lr = args.lr_target if name == "target" else args.lr_weight
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if lr is None:
+        lr = args.lr_target if name == "target" else args.lr_weight
+    opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer](model.parameters(), lr=lr)
     x, y = data["x_train"], data["y_train"]
     curve = {"iter": [], "train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
     step_seconds, first_perfect = [], None
@@ -134,7 +147,8 @@ def train(name: str, model: nn.Module, data: dict[str, Tensor], args, device: to
             curve[f"{split}_acc"].append(acc)
         curve["iter"].append(it)
 
-    bar = tqdm(range(args.iters), desc=f"{name} space", unit="it", dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(range(args.iters), desc=f"{name} space", unit="it", dynamic_ncols=True, file=sys.stdout,
+                disable=not progress)
     for it in bar:
         if it % args.eval_every == 0:
             log(it)
@@ -157,6 +171,7 @@ def train(name: str, model: nn.Module, data: dict[str, Tensor], args, device: to
         first_perfect = args.iters
     return {
         "lr": lr,
+        "optimizer": optimizer,
         "curve": curve,
         "final_train_loss": curve["train_loss"][-1],
         "final_train_acc": curve["train_acc"][-1],

@@ -102,3 +102,75 @@ def test_two_spirals_study_quick(tmp_path, part):
             assert r["curve"]["iter"][0] == 0 and r["curve"]["iter"][-1] == budget
             assert all(0.0 <= a <= 1.0 for a in r["curve"]["train_acc"] + r["curve"]["test_acc"])
             assert r["first_100pct_train_iter"] is None or 0 <= r["first_100pct_train_iter"] <= budget
+
+
+def test_cnn_quick(tmp_path):
+    # Synthetic data: no dataset files needed.
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cnn.py"), "--quick", "--out", str(tmp_path),
+         "--data-root", str(tmp_path / "no-data-here")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    png, js = tmp_path / "cnn.png", tmp_path / "cnn.json"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(js.read_text())
+    assert summary["data"] == "synthetic" and summary["config"]["quick"]
+    methods = {"target", "weight", "weight_bn"}
+    assert set(summary["summary"]) == methods and set(summary["timing"]) == methods
+    assert {(r["method"], r["seed"]) for r in summary["runs"]} == {(m, s) for m in methods for s in (0, 1)}
+    steps = {r["steps"] for r in summary["runs"]}
+    assert len(steps) == 1  # the same budget for every method
+    for r in summary["runs"]:
+        c = r["curve"]
+        assert c["step"][0] == 0 and c["step"][-1] == r["steps"]
+        assert all(0.0 <= a <= 1.0 for a in c["test_acc"]) and all(math.isfinite(v) for v in c["test_loss"])
+        assert r["train_seconds"] > 0 and c["train_seconds"] == sorted(c["train_seconds"])
+    for s in summary["summary"].values():
+        assert s["seeds"] == 2 and 0.0 <= s["final_test_acc_mean"] <= 1.0 and s["final_test_acc_std"] >= 0.0
+
+
+def test_cnn_prepare_data(tmp_path):
+    # The Debian-package layout (gzipped IDX files) unpacked where torchvision reads it.
+    import gzip
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("cnn_example", EXAMPLES / "cnn.py")
+    cnn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cnn)
+    src = tmp_path / "src"
+    src.mkdir()
+    for split, n in (("train", 6), ("t10k", 4)):
+        images = bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(range(n)) * 784
+        labels = bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(k % 10 for k in range(n))
+        (src / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images))
+        (src / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    raw = cnn.prepare(src, tmp_path / "root", "fashion")
+    assert raw == tmp_path / "root" / "FashionMNIST" / "raw"
+    data = cnn.load_dataset("fashion", tmp_path / "root")
+    assert data["x_train"].shape == (6, 1, 28, 28) and data["x_test"].shape == (4, 1, 28, 28)
+    assert data["y_train"].tolist() == [0, 1, 2, 3, 4, 5] and data["x_train"].dtype == torch.float32
+
+
+def test_timm_finetune_quick(tmp_path):
+    pytest.importorskip("timm")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "timm_finetune.py"), "--quick", "--out", str(tmp_path),
+         "--data-root", str(tmp_path / "no-data-here")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    png, js = tmp_path / "timm_resnet18.png", tmp_path / "timm_resnet18.json"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(js.read_text())
+    assert summary["data"] == "synthetic" and summary["config"]["steps"] == 4
+    runs = summary["runs"]
+    assert set(runs) == {"target", "weight"}
+    for r in runs.values():
+        assert r["curve"]["step"][0] == 0 and r["curve"]["step"][-1] == 4
+        assert all(0.0 <= a <= 1.0 for a in r["curve"]["test_acc"])
+        assert r["train_seconds"] > 0
+    # Leaving target space keeps the trained function.
+    assert runs["target"]["back_to_weight_space_max_abs_logit_change"] < 1e-3
