@@ -22,12 +22,11 @@ from .errors import (
     NotConvertedError,
     RankDeficientWarning,
     ReferenceBatchError,
-    TargetSpaceError,
     UnsupportedLayerError,
 )
 from .layers import adapter_for, is_candidate
 from .parametrization import TargetParametrization, copy_with_own_class
-from .plan import Plan, display_name, make_plan
+from .plan import Plan, make_plan
 from .realise import REALISER_ATTR, ConvertedLayer, Realiser, reused_error
 
 __all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", "realisers"]

@@ -14,7 +14,6 @@ into a call of the module (plus the external bias, if any), so that its input A 
 """
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from dataclasses import dataclass, field

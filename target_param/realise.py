@@ -109,9 +109,10 @@ class Realiser:
 
     def state_key(self) -> tuple:
         """Changes whenever anything the reference pass reads may have changed."""
-        modes = tuple(m.training for m in self.root.modules())
-        tensors = tuple(_fingerprint(t) for t in itertools.chain(self.root.parameters(), self.root.buffers()))
-        return modes, tensors
+        modules = list(self.root.modules())  # one walk of the tree per forward, not three
+        return tuple(m.training for m in modules), tuple(
+            _fingerprint(t) for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values())
+            if t is not None)
 
     def _graph_used(self, grad: Tensor) -> None:
         self.cache_has_graph = False
