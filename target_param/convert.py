@@ -367,6 +367,9 @@ def to_weight_space(model: nn.Module) -> nn.Module:
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
                 if name not in ad.targets:
                     m.register_parameter(name, nn.Parameter(m._buffers.pop(name), requires_grad=requires_grad))
+                p = m._parameters[name]
+                if not p.is_contiguous():  # realised Linear weights are views of Wᵀ
+                    p.data = p.data.contiguous()
         root = r.root
         _remove_hooks(root, r)
         for name, _ in r.reference:

@@ -5,7 +5,9 @@ Every adapter answers the same questions for its module:
     tensors                 the parametrized tensor names (``weight``, ``bias``; for nn.RNN all flat weights)
     targets                 those whose ``parametrizations[name].original`` holds a target T
     sums(m, args, out)      the sums S on the reference batch with the current weights (T = S: eq. 13)
-    realise(m, args, T, λ)  every tensor of ``tensors`` solved from the targets (eq. 6; Algorithm 5)
+    realise(m, args, T, solves)
+                            every tensor of ``tensors`` solved from the targets (eq. 6; Algorithm 5), and
+                            the layer's output on the reference batch when the solve gives it (else None)
     optimistic(m, out, T)   what the layer passes on under OCU (eq. 8, eq. 21)
     problems(sums)          the (rows, columns, groups) of each least-squares problem, for ``explain``
 
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ReferenceBatchError
-from .solver import factor_gram, plain_autograd, ridge_autograd, ridge_solve, solve_dtype, solve_with, uses_dual
+from .solver import (FactorCache, Solves, plain_autograd, regrad, ridge_autograd, ridge_solve, solve_dtype,
+                     solve_with, uses_dual)
 
 __all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate",
            "SUPPORTED", "CANDIDATES"]
@@ -47,8 +50,8 @@ class Adapter:
     def sums(self, module: nn.Module, args: tuple, output) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def realise(self, module: nn.Module, args: tuple, targets: dict, lam: float, name: str,
-                optimistic: bool) -> dict[str, Tensor]:
+    def realise(self, module: nn.Module, args: tuple, targets: dict, solves: Solves, name: str,
+                optimistic: bool) -> tuple[dict[str, Tensor], object]:
         raise NotImplementedError
 
     def optimistic(self, module: nn.Module, output, targets: dict):
@@ -69,12 +72,14 @@ class FeedForwardAdapter(Adapter):
         self.has_bias = module.bias is not None
         self.out_features = module.weight.shape[0]
         self.tensors = ("weight", "bias") if self.has_bias else ("weight",)
+        self.cache = FactorCache()
 
     def sums(self, module, args, output):
         return {"weight": output}
 
-    def realise(self, module, args, targets, lam, name, optimistic):
-        """``W[0:j] = T_j A[0:j)^‡`` (eq. 6) from the layer's input ``args[0]`` on the reference batch."""
+    def realise(self, module, args, targets, solves, name, optimistic):
+        """``W[0:j] = T_j A[0:j)^‡`` (eq. 6) from the layer's input ``args[0]`` on the reference batch, and
+        the sums ``S_j = W[0:j] A[0:j)`` it achieves, which the layer passes on (Algorithm 2)."""
         t = targets["weight"]
         a = self.patches(args[0])
         if self.has_bias:
@@ -90,7 +95,11 @@ class FeedForwardAdapter(Adapter):
                 target_shape=tuple(t.shape),
                 input_shape=tuple(args[0].shape),
             )
-        w, b = self.assemble(ridge_solve(a, y, lam, name), t.dtype)
+        wt, s = ridge_solve(a, y, solves, name, self.cache)
+        return self.tensors_of(wt, t.dtype), self.unrows(s, t).to(t.dtype)
+
+    def tensors_of(self, wt: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+        w, b = self.assemble(wt, dtype)
         return {"weight": w, "bias": b} if self.has_bias else {"weight": w}
 
     def optimistic(self, module, output, targets):
@@ -108,6 +117,10 @@ class FeedForwardAdapter(Adapter):
         raise NotImplementedError
 
     def rows(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def unrows(self, s: Tensor, like: Tensor) -> Tensor:
+        """The inverse of ``rows``: S (G, N, o) back in the layout of the target ``like``."""
         raise NotImplementedError
 
     def assemble(self, wt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -138,6 +151,14 @@ class LinearAdapter(FeedForwardAdapter):
     def rows(self, t):
         return t.reshape(1, -1, self.out_features)
 
+    def unrows(self, s, like):
+        return s.reshape(like.shape)
+
+    def assemble(self, wt, dtype):
+        """Views of ``Wᵀ`` (1, d [+1], o): F.linear multiplies by ``weightᵀ``, which is then contiguous."""
+        w = wt[0].to(dtype)
+        return (w[:-1].mT, w[-1]) if self.has_bias else (w.mT, None)
+
 
 class ConvAdapter(FeedForwardAdapter):
     """``nn.Conv1d/2d/3d`` with any stride, padding (every padding_mode, "same"), dilation and groups."""
@@ -154,6 +175,9 @@ class ConvAdapter(FeedForwardAdapter):
         self.pad = tuple(module._reversed_padding_repeated_twice)
         self.in_per_group = module.in_channels // module.groups
         self.weight_shape = tuple(module.weight.shape)
+        # Zero padding, symmetric: the conv-shaped products pad by themselves and nothing padded is kept.
+        self.native = self.padding_mode == "zeros" and self.pad[0::2] == self.pad[1::2]
+        self.conv_padding = tuple(self.pad[0::2][::-1]) if self.native else 0
 
     def in_rows(self) -> int:
         return self.in_per_group * math.prod(self.kernel_size) + self.has_bias
@@ -203,25 +227,33 @@ class ConvAdapter(FeedForwardAdapter):
         corner = torch.full((self.groups, 1, 1), float(n), dtype=xp.dtype, device=xp.device)
         return torch.cat([torch.cat([gram, sums[..., None]], 2), torch.cat([sums[:, None], corner], 2)], 1)
 
-    def realise(self, module, args, targets, lam, name, optimistic):
+    def realise(self, module, args, targets, solves, name, optimistic):
         t = targets["weight"]
         cols = t.numel() // self.out_features
         if plain_autograd() or uses_dual(self.in_rows(), cols) or t.shape[0] != args[0].shape[0]:
-            return super().realise(module, args, targets, lam, name, optimistic)
+            return super().realise(module, args, targets, solves, name, optimistic)
         dtype = solve_dtype(t.dtype)
-        xp = self.pad_input(args[0]).to(dtype)
-        w, b = self.assemble(_ConvRidge.apply(xp, t.to(dtype), self, lam, name), t.dtype)
-        return {"weight": w, "bias": b} if self.has_bias else {"weight": w}
+        x = args[0].to(dtype)
+        wt, s = _ConvRidge.apply(x if self.native else self.pad_input(x), t.to(dtype), self, solves, name)
+        return self.tensors_of(wt, t.dtype), s.to(t.dtype)
 
     # conv-shaped products: T·Aᵀ is a conv weight-gradient, X·Z a conv, and the patch-space gradient
-    # folded back onto the input a transposed conv, so only the Gram needs the im2col matrix.
+    # folded back onto the input a transposed conv, so only the Gram needs the im2col matrix. ``x`` is the
+    # input as the layer sees it when ``native`` (the products pad), else already padded.
     def conv(self, x, wt):
         w, b = self.assemble(wt, wt.dtype)
-        return _CONV[self.nd](x, w, b, self.stride, 0, self.dilation, self.groups)
+        return _CONV[self.nd](x, w, b, self.stride, self.conv_padding, self.dilation, self.groups)
+
+    def gram_of(self, x):
+        return self.gram(self.pad_input(x) if self.native else x)
+
+    def patches_of(self, x):
+        return self.patches(x) if self.native else self.patches_padded(x)
 
     def cross(self, x, t):
         """``XᵀY`` (G, d [+1], o) without im2col: the conv weight-gradient of x for grad-output t."""
-        xy = _CONV_WEIGHT[self.nd](x, self.weight_shape, t, self.stride, 0, self.dilation, self.groups)
+        xy = _CONV_WEIGHT[self.nd](x, self.weight_shape, t, self.stride, self.conv_padding, self.dilation,
+                                   self.groups)
         xy = xy.reshape(self.groups, self.out_features // self.groups, -1).mT
         if self.has_bias:
             tb = t.sum([0, *range(2, t.dim())]).reshape(self.groups, 1, -1)
@@ -231,11 +263,15 @@ class ConvAdapter(FeedForwardAdapter):
     def fold(self, shape, wt, grad):
         """col2im of ``grad · wᵀ`` (patch-space gradient) onto the padded input: a transposed conv."""
         w, _ = self.assemble(wt, wt.dtype)
-        return _CONV_INPUT[self.nd](shape, w, grad, self.stride, 0, self.dilation, self.groups)
+        return _CONV_INPUT[self.nd](shape, w, grad, self.stride, self.conv_padding, self.dilation, self.groups)
 
     def rows(self, t):
         n, g = t.shape[0], self.groups
         return t.reshape(n, g, self.out_features // g, -1).permute(1, 0, 3, 2).reshape(g, -1, self.out_features // g)
+
+    def unrows(self, s, like):
+        n, g, og = like.shape[0], self.groups, self.out_features // self.groups
+        return s.reshape(g, n, -1, og).permute(1, 0, 3, 2).reshape(like.shape)
 
 
 # Below this many output rows (or columns) the border corrections outweigh the saving: im2col Gram.
@@ -313,39 +349,47 @@ def _shift_gram(x: Tensor, groups: int, kernel: tuple, dilation: tuple) -> tuple
 
 
 class _ConvRidge(torch.autograd.Function):
-    """Eq. 7 for a conv layer (primal form), with the backward of ``solver._Ridge`` in conv form.
+    """Eq. 7 for a conv layer (primal form) and its sums ``S = conv(X, W)``, with the backward of
+    ``solver._Ridge`` in conv form.
 
-    Forward: ``K = XᵀX + λI`` (by shifts for stride-1 convs, see ``ConvAdapter.gram``), ``XᵀY`` as a conv weight-gradient,
-    ``W = K⁻¹XᵀY``. Backward, with ``Z = K⁻¹Ŵ``: ``dL/dT = X Z`` is a conv of the input with kernel Z, and
-    ``dL/dX = (Y − S)Zᵀ − (XZ)Wᵀ`` folded onto the input is two transposed convs (``S`` a conv with W).
+    Forward: ``K = XᵀX + λI`` (by shifts for stride-1 convs, see ``ConvAdapter.gram``), ``XᵀY`` as a conv
+    weight-gradient, ``W = K⁻¹XᵀY``, ``S`` a conv. Backward, with ``Z = K⁻¹(Ŵ + XᵀŜ)`` (``XᵀŜ`` a conv
+    weight-gradient): ``dL/dT = X Z`` is a conv of the input with kernel Z, and
+    ``dL/dX = (Y − S)Zᵀ + (Ŝ − XZ)Wᵀ`` folded onto the input is two transposed convs.
     """
 
     @staticmethod
-    def forward(ctx, xp, t, ad, lam, layer):
-        factor = factor_gram(ad.gram(xp), lam, layer)
-        w = solve_with(ad.cross(xp, t), factor)
-        ctx.ad, ctx.lam, ctx.layer = ad, lam, layer
-        ctx.save_for_backward(xp, t, w, factor)
-        return w
+    def forward(ctx, x, t, ad, solves, layer):
+        ctx.set_materialize_grads(False)
+        factor, _ = solves.factor(lambda: ad.gram_of(x), layer, x, ad.cache)
+        w = solve_with(ad.cross(x, t), factor)
+        s = ad.conv(x, w)
+        ctx.ad, ctx.lam, ctx.layer = ad, solves.lam, layer
+        ctx.save_for_backward(x, t, w, factor, s)
+        return w, s
 
     @staticmethod
-    def backward(ctx, gw):
-        xp, t, w, factor = ctx.saved_tensors
+    def backward(ctx, gw, gs):
+        x, t, w, factor, s = ctx.saved_tensors
         ad = ctx.ad
         need_x, need_t = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain im2col formula instead
-            a = ad.patches_padded(xp)
+            a = ad.patches_of(x)
             if ad.has_bias:
                 a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)
-            inputs = [v for v, need in ((xp, need_x), (t, need_t)) if need]
-            grads = iter(torch.autograd.grad(ridge_autograd(a, ad.rows(t), ctx.lam, ctx.layer), inputs, gw,
-                                             create_graph=True))
+            inputs = [v for v, need in ((x, need_x), (t, need_t)) if need]
+            w2 = ridge_autograd(a, ad.rows(t), ctx.lam, ctx.layer)
+            grads = iter(regrad((w2, ad.conv(x, w2)), (gw, gs), inputs))
             return (next(grads) if need_x else None), (next(grads) if need_t else None), None, None, None
+        if gw is None and gs is None:
+            return None, None, None, None, None
+        if gs is not None:
+            gw = ad.cross(x, gs) if gw is None else gw + ad.cross(x, gs)
         z = solve_with(gw, factor)
-        xz = ad.conv(xp, z)  # dL/dT
+        xz = ad.conv(x, z)  # dL/dT
         gx = None
         if need_x:
-            gx = ad.fold(xp.shape, z, t - ad.conv(xp, w)) - ad.fold(xp.shape, w, xz)
+            gx = ad.fold(x.shape, z, t - s) + ad.fold(x.shape, w, (gs - xz) if gs is not None else -xz)
         return gx, (xz if need_t else None), None, None, None
 
 

@@ -80,7 +80,7 @@ class Plan:
     layers: list[PlannedLayer]
     traced: bool
     fallback_reason: str | None = None
-    graph_module: fx.GraphModule | None = None  # the rewritten reference graph, when one is needed
+    graph_module: fx.GraphModule | None = None  # the traced (and rewritten) graph, run by the reference pass
     options: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -303,4 +303,4 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
         warnings.warn(f"Planning falls back to the execution order recorded by hooks: {reason}.",
                       TraceFallbackWarning, stacklevel=3)
     order = sorted(planned.values(), key=lambda pl: (pl.order < 0, pl.order))
-    return Plan(order, traced=reason is None, fallback_reason=reason, graph_module=gm if rewritten else None)
+    return Plan(order, traced=reason is None, fallback_reason=reason, graph_module=gm if reason is None else None)

@@ -7,6 +7,15 @@ followed as executed) and its weights are solved, ``W[0:j] = T_j A[0:j)^‡``; t
 enabled the solved weights carry the autograd graph back to every target, so backpropagation through the
 training forward (Algorithm 1) and this pass gives exactly Algorithm 3.
 
+The reference pass runs the planner's torch.fx graph when the model traced: each converted Linear/Conv
+call there is replaced by :class:`ReferenceCall`, which solves the layer and returns ``S_j`` from the same
+solve (no second product, and one backward for both uses of ``W``). Layers the graph cannot reach (inside
+a leaf module, recurrent, or carrying user hooks) and untraceable models are solved by the layer's forward
+pre-hook instead; its forward hook then passes the solve's ``S_j`` on.
+
+Cholesky failures and non-finite weights are checked once per realisation (one synchronisation); only a
+failure repeats the pass carefully, layer by layer (``solver.Solves``).
+
 When realisation happens:
   * every grad-enabled forward of the converted root realises once (gradient accumulation works);
   * otherwise the realised weights are reused until a parameter or buffer of the root changes (tensor
@@ -21,12 +30,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, SolveError, TargetSpaceError
-from .layers import Adapter
+from .layers import Adapter, FeedForwardAdapter
+from .solver import Solves
 
-__all__ = ["Realiser", "ConvertedLayer", "frozen_running_stats", "REALISER_ATTR"]
+__all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "frozen_running_stats", "REALISER_ATTR"]
 
 REALISER_ATTR = "_target_space_realiser"
 IDLE, FORWARD, REFERENCE, FROZEN = "idle", "forward", "reference", "frozen"
@@ -70,17 +81,35 @@ def reused_error(name: str, calls: int) -> LayerReusedError:
     )
 
 
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_pre_hooks or _module._global_forward_hooks)
+
+
+class ReferenceCall(nn.Module):
+    """Stands in for converted layer ``index`` in the reference graph: solves it and returns ``S_j``."""
+
+    def __init__(self, realiser, index: int):
+        super().__init__()
+        self.realiser, self.index = realiser, index
+
+    def forward(self, *args):
+        return self.realiser.reference_call(self.index, args)
+
+
 class Realiser:
     """Holds the converted layers of one root module and realises their weights from their targets."""
 
     def __init__(self, root: nn.Module, layers: list[ConvertedLayer], lam: float, cascade: str, reference,
                  graph_module: nn.Module | None = None):
         self.root = root
-        self.graph_module = graph_module  # the planner's rewritten graph, when functional uses need it
         self.layers = layers
         self.lam = float(lam)
         self.cascade = cascade
         self.reference = reference  # [(buffer name, None) | (None, constant)] per positional input
+        self.graph_module = graph_module and self._reference_graph(graph_module)
+        self.careful = False  # set for good after a deferred check failed (see solver.Solves)
+        self.solves: Solves | None = None
+        self.outputs: list | None = None
         self.cache: list | None = None
         self.cache_has_graph = False
         self.pending: list | None = None
@@ -95,8 +124,22 @@ class Realiser:
     def __getstate__(self):
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
         state = dict(self.__dict__)
-        state.update(cache=None, cache_has_graph=False, pending=None, capture=None, key=None, phase=IDLE, depth=0)
+        state.update(cache=None, cache_has_graph=False, pending=None, capture=None, key=None, phase=IDLE, depth=0,
+                     solves=None, outputs=None)
         return state
+
+    def _reference_graph(self, gm: nn.Module) -> nn.Module:
+        """Route the graph's calls of converted Linear/Conv layers through :class:`ReferenceCall`."""
+        index = {id(layer.module): i for i, layer in enumerate(self.layers)
+                 if isinstance(layer.adapter, FeedForwardAdapter)}
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and not node.kwargs:
+                i = index.get(id(gm.get_submodule(node.target)))
+                if i is not None:
+                    gm.add_submodule(f"target_space_call_{i}", ReferenceCall(self, i))
+                    node.target = f"target_space_call_{i}"
+        gm.recompile()
+        return gm
 
     # ---------------------------------------------------------------- state
     def targets(self, i: int) -> dict[str, Tensor]:
@@ -129,7 +172,9 @@ class Realiser:
     def realise(self) -> None:
         """Run the reference pass once and replace every layer's realised weights (transactionally)."""
         prev, self.phase = self.phase, REFERENCE
-        self.pending, self.calls, self.order = [None] * len(self.layers), [0] * len(self.layers), []
+        n = len(self.layers)
+        self.pending, self.outputs, self.calls, self.order = [None] * n, [None] * n, [0] * n, []
+        self.solves = Solves(self.lam, self.careful)
         try:
             try:
                 with frozen_running_stats(self.root):
@@ -139,6 +184,9 @@ class Realiser:
             except TargetSpaceError:
                 raise
             except Exception as e:
+                if self._retry_carefully():
+                    self.phase = prev
+                    return self.realise()
                 raise ReferenceBatchError(
                     "The model's forward raised on the reference batch during realisation; the realised "
                     "weights and the targets are unchanged.",
@@ -155,7 +203,9 @@ class Realiser:
                         "Keep the reference path through every converted layer, or exclude the layer.",
                         layer=layer.name,
                     )
-            self._check_finite(self.pending)
+            if self._check(self.pending):
+                self.phase = prev
+                return self.realise()
             self.cache, self.cache_has_graph = self.pending, False
             graph = [t for tensors in self.cache for t in tensors.values() if t.requires_grad]
             if graph:
@@ -164,14 +214,30 @@ class Realiser:
                 for t in graph:
                     t.register_hook(self._graph_used)
         finally:
-            self.phase, self.pending = prev, None
+            self.phase, self.pending, self.outputs, self.solves = prev, None, None, None
         self.key = self.state_key()
         self.realisations += 1
 
-    def _check_finite(self, realised: list) -> None:
-        flags = torch.stack([torch.isfinite(t).all() for tensors in realised for t in tensors.values()])
-        if not bool(flags.all()):
+    def _retry_carefully(self) -> bool:
+        """Whether a deferred factorisation failed: then every later pass is careful (see Solves)."""
+        failed = None if self.careful else self.solves.failed()
+        if failed is not None and bool(failed):
+            self.careful = True
+            return True
+        return False
+
+    def _check(self, realised: list) -> bool:
+        """One synchronisation: True to repeat the pass carefully; raises when a weight is not finite."""
+        tensors = [t.detach() for r in realised for t in r.values()]
+        flag = ~torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
+        failed = None if self.careful else self.solves.failed()
+        if not bool(flag if failed is None else flag | failed):
+            return False
+        if self._retry_carefully():
+            return True
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):  # not only a norm that overflowed
             raise self._diagnose(realised)
+        return False
 
     def _diagnose(self, realised: list) -> SolveError | None:
         """Name the first layer, in execution order, where a non-finite value appears."""
@@ -210,28 +276,46 @@ class Realiser:
                 t.copy_(sums[name])
 
     # ---------------------------------------------------------------- hooks
+    def _solve(self, i: int, args: tuple):
+        """Realise layer i from its input on the reference batch; its output there, if the solve gives it."""
+        self.calls[i] += 1
+        if self.calls[i] > 1:
+            raise reused_error(self.layers[i].name, self.calls[i])
+        self.order.append(i)
+        layer = self.layers[i]
+        self.pending[i], out = layer.adapter.realise(layer.module, args, self.targets(i), self.solves, layer.name,
+                                                     self.cascade == "optimistic")
+        return out
+
+    def _passed_on(self, i: int, args: tuple, output):
+        """What layer i passes on in the reference pass: ``S_j`` (SCU), or ``T_j`` (OCU, eq. 8)."""
+        layer = self.layers[i]
+        if self.capture is not None:
+            sums = layer.adapter.sums(layer.module, args, output)
+            self.capture[i] = {k: v.detach().clone() for k, v in sums.items()}
+        if self.cascade == "optimistic":
+            return layer.adapter.optimistic(layer.module, output, self.targets(i))
+        return output
+
+    def reference_call(self, i: int, args: tuple):
+        """Layer i's call in the reference graph (see :class:`ReferenceCall`)."""
+        m = self.layers[i].module
+        if len(m._forward_pre_hooks) != 1 or len(m._forward_hooks) != 1 or _global_hooks():
+            return m(*args)  # someone else's hooks must run too: the hook path
+        return self._passed_on(i, args, self._solve(i, args))
+
     def layer_pre_hook(self, i: int, args) -> None:
         if self.phase == REFERENCE:
-            self.calls[i] += 1
-            if self.calls[i] > 1:
-                raise reused_error(self.layers[i].name, self.calls[i])
-            self.order.append(i)
-            layer = self.layers[i]
-            self.pending[i] = layer.adapter.realise(layer.module, args, self.targets(i), self.lam, layer.name,
-                                                    self.cascade == "optimistic")
+            self.outputs[i] = self._solve(i, args)
         elif self.phase == IDLE:
             self.ensure_fresh()
 
     def layer_post_hook(self, i: int, args, output):
         if self.phase != REFERENCE:
             return None
-        layer = self.layers[i]
-        if self.capture is not None:
-            sums = layer.adapter.sums(layer.module, args, output)
-            self.capture[i] = {k: v.detach().clone() for k, v in sums.items()}
-        if self.cascade == "optimistic":  # OCU (eq. 8): pass the targets on, not the achieved sums
-            return layer.adapter.optimistic(layer.module, output, self.targets(i))
-        return None
+        solved = self.outputs[i]
+        passed = self._passed_on(i, args, output if solved is None else solved)
+        return None if passed is output else passed
 
     def root_pre_hook(self, module: nn.Module, args) -> None:
         if self.phase == FORWARD:

@@ -110,7 +110,7 @@ class RNNAdapter(Adapter):
             x = self._between_layers(module, h, k)
         return out
 
-    def realise(self, module, args, targets, lam, name, optimistic):
+    def realise(self, module, args, targets, solves, name, optimistic):
         """Algorithm 5: per layer, one solve per direction over all time steps, then the real recurrence."""
         x, hx, unbatched = self._inputs(module, args, name)
         L, B = x.shape[0], x.shape[1]
@@ -131,7 +131,7 @@ class RNNAdapter(Adapter):
                 context = self._previous(g, hx[k * self.dirs + d], reverse=d == 1)  # eq. 21
                 cols = [x, context] + ([x.new_ones(L, B, 1)] if self.has_bias else [])
                 a = torch.cat(cols, -1).reshape(1, L * B, -1)
-                wt = ridge_solve(a, t.reshape(1, L * B, self.hidden), lam, f"{name}.l{k}{s}")[0]
+                wt = ridge_solve(a, t.reshape(1, L * B, self.hidden), solves, f"{name}.l{k}{s}", sums=False)[0][0]
                 w = wt.mT.to(t.dtype)  # (H, F + H [+1])
                 f = x.shape[-1]
                 tensors[f"weight_ih_l{k}{s}"] = w[:, :f].contiguous()
@@ -143,7 +143,7 @@ class RNNAdapter(Adapter):
                 h = torch.cat(acts, -1) if optimistic else \
                     self._run_layer(x, hx[k * self.dirs:(k + 1) * self.dirs], self._flat(tensors, k), module)
                 x = self._between_layers(module, h, k)
-        return tensors
+        return tensors, None  # the module's own forward gives the output
 
     def optimistic(self, module, output, targets):
         """OCU: the output sequence and final states are g(T) of the last layer (eq. 21)."""

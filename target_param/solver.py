@@ -7,19 +7,26 @@ in rows, so this module works with ``X = Aᵀ`` (N × d) and ``Y = Tᵀ`` (N × 
     dual    (eq. 23):  Wᵀ = Xᵀ (XXᵀ + λI)⁻¹ Y          Gram N × N
 
 Both are the same matrix (Woodbury); the smaller Gram is factorised. λ is absolute and applies to the
-unnormalised Gram, every row included (the bias row too). Everything is differentiable by autograd, so
-the gradient that reaches the targets is exactly Algorithm 3.
+unnormalised Gram, every row included (the bias row too). The solve also returns the sums it achieves on
+the reference batch, ``S = X Wᵀ`` (the layer's output there, Algorithm 2), so that the reference pass
+needs no second product and the backward of Algorithm 3 sees both uses of ``W`` at once.
+
+Factorisation failures are found without a device synchronisation per layer: a realisation collects the
+Cholesky ``info`` flags in :class:`Solves` and checks them once; only then is it repeated *carefully*
+(float64 retry, jitter, a named warning; see :func:`factor_gram`).
 """
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .errors import IllConditionedWarning, SolveError
 
-__all__ = ["ridge_solve", "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd", "plain_autograd"]
+__all__ = ["ridge_solve", "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd",
+           "plain_autograd", "Solves", "FactorCache"]
 
 
 def solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,14 +39,24 @@ def uses_dual(rows: int, cols: int) -> bool:
     return cols < rows
 
 
-def factor_gram(gram: Tensor, lam: float, layer: str) -> Tensor:
-    """Cholesky factor of ``gram + λI``. On failure retry in float64, then with growing jitter."""
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    k = gram + lam * eye if lam else gram
+def _add_diagonal(gram: Tensor, lam: float) -> Tensor:
+    if gram.requires_grad:  # differentiated by autograd (ridge_autograd): out of place
+        return gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gram.diagonal(dim1=-2, dim2=-1).add_(lam)  # a fresh Gram, ours to change
+    return gram
+
+
+def factor_gram(gram: Tensor, lam: float, layer: str) -> tuple[Tensor, Tensor | float]:
+    """Cholesky factor of ``gram + λI`` and the diagonal shift it used (λ, or λ + jitter per group).
+
+    On failure retry in float64, then with growing relative jitter, and warn with the layer name and a
+    condition estimate. ``gram`` may be changed in place when it does not require grad.
+    """
+    k = _add_diagonal(gram, lam)
     factor, info = torch.linalg.cholesky_ex(k)
     if not bool(info.any()):
-        return factor
-    if not bool(torch.isfinite(gram).all()):
+        return factor, lam
+    if not bool(torch.isfinite(k).all()):
         raise SolveError(
             f"Layer '{layer}': the Gram matrix of its input on the reference batch is not finite.",
             "A NaN/Inf reached this layer during realisation; check the targets and the layers before it.",
@@ -47,10 +64,10 @@ def factor_gram(gram: Tensor, lam: float, layer: str) -> Tensor:
         )
     k64 = k.double()
     scale = k64.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-6)  # a zero Gram too
+    eye = torch.eye(k.shape[-1], dtype=torch.float64, device=k.device)
     jitter = 0.0
     for attempt in range(8):
-        trial = k64 + (jitter * scale)[..., None] * torch.eye(k.shape[-1], dtype=torch.float64, device=k.device)
-        factor, info = torch.linalg.cholesky_ex(trial)
+        factor, info = torch.linalg.cholesky_ex(k64 + (jitter * scale)[..., None] * eye)
         if not bool(info.any()):
             with torch.no_grad():
                 ev = torch.linalg.eigvalsh(k64)
@@ -61,9 +78,10 @@ def factor_gram(gram: Tensor, lam: float, layer: str) -> Tensor:
                 "Increase lam or the reference batch to make the solve well conditioned.\n"
                 f"lam: {lam}\ncondition estimate: {cond:.3g}",
                 IllConditionedWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-            return factor
+            shift = (lam + (jitter * scale)[..., None]).to(gram.dtype) if jitter else lam
+            return factor, shift
         jitter = 1e-12 if jitter == 0.0 else jitter * 100
     raise SolveError(
         f"Layer '{layer}': AAᵀ + λI is not positive definite, even in float64 with jitter.",
@@ -71,6 +89,66 @@ def factor_gram(gram: Tensor, lam: float, layer: str) -> Tensor:
         layer=layer,
         lam=lam,
     )
+
+
+class FactorCache:
+    """The factor of a layer whose input did not change since the last realisation (technique 3).
+
+    The first converted layer's input is the fixed reference batch, so its Gram and Cholesky factor are
+    computed once. An input that needs no gradient is compared with the stored copy (``torch.equal``, one
+    pass over the input, against the Gram's d passes); any change (a new reference batch, dropout, a
+    frozen layer edited, a device or dtype move) recomputes.
+    """
+
+    def __init__(self):
+        self.input: Tensor | None = None
+        self.entry: tuple | None = None
+
+    def lookup(self, x: Tensor):
+        if x.requires_grad or self.input is None or self.input.shape != x.shape or self.input.dtype != x.dtype \
+                or self.input.device != x.device or not torch.equal(self.input, x):
+            return None
+        return self.entry
+
+    def store(self, x: Tensor, entry: tuple) -> None:
+        if not x.requires_grad:
+            self.input, self.entry = x.detach().clone(), entry
+
+    def __deepcopy__(self, memo):
+        return FactorCache()  # a cache, not state
+
+
+class Solves:
+    """The settings shared by every solve of one realisation: λ, and careful or deferred checking.
+
+    Deferred (the default): each factor's Cholesky ``info`` is kept and :meth:`failed` checks them all at
+    once. Careful: each factor is checked at once and repaired by :func:`factor_gram`.
+    """
+
+    def __init__(self, lam: float, careful: bool = False):
+        self.lam, self.careful, self.infos = float(lam), careful, []
+
+    def factor(self, gram: Callable[[], Tensor], layer: str, x: Tensor, cache: FactorCache | None = None):
+        """``(factor, shift)`` of ``gram() + λI`` (``gram`` is only called when the cache misses)."""
+        hit = cache.lookup(x) if cache is not None and not self.careful else None
+        if hit is not None:
+            factor, shift, info = hit
+        elif self.careful:
+            factor, shift = factor_gram(gram(), self.lam, layer)
+            info = None
+        else:
+            factor, info = torch.linalg.cholesky_ex(_add_diagonal(gram(), self.lam))
+            shift = self.lam
+        if info is not None:
+            self.infos.append(info.reshape(-1))
+        if cache is not None and hit is None:
+            cache.store(x, (factor, shift, info if info is not None else torch.zeros_like(factor[..., 0, 0],
+                                                                                            dtype=torch.int32)))
+        return factor, shift
+
+    def failed(self) -> Tensor | None:
+        """A 0-dim bool tensor, true when a deferred factorisation failed (no synchronisation)."""
+        return torch.cat(self.infos).any() if self.infos else None
 
 
 def solve_with(rhs: Tensor, factor: Tensor) -> Tensor:
@@ -82,8 +160,8 @@ def ridge_autograd(x: Tensor, y: Tensor, lam: float, layer: str) -> Tensor:
     """Eq. 7 / eq. 23 with plain autograd through Gram and Cholesky (the reference for double backward)."""
     xt = x.mT
     if uses_dual(x.shape[-1], x.shape[-2]):
-        return xt @ solve_with(y, factor_gram(x @ xt, lam, layer))
-    return solve_with(xt @ y, factor_gram(xt @ x, lam, layer))
+        return xt @ solve_with(y, factor_gram(x @ xt, lam, layer)[0])
+    return solve_with(xt @ y, factor_gram(xt @ x, lam, layer)[0])
 
 
 def plain_autograd() -> bool:
@@ -91,72 +169,107 @@ def plain_autograd() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def regrad(outputs: tuple, grads: tuple, inputs: list) -> tuple:
+    """``torch.autograd.grad`` with a graph, skipping outputs whose gradient is None (double backward)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+    if not pairs or not inputs:
+        return (None,) * len(inputs)
+    return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True,
+                               allow_unused=True)
+
+
 class _Ridge(torch.autograd.Function):
-    """The ridge solve with the analytic backward of Algorithm 3 (row layout, per group).
+    """The ridge solve and its sums, ``(W, S = XW)``, with the analytic backward of Algorithm 3.
 
-    With ``K`` the factorised Gram, ``W = K⁻¹XᵀY`` (primal) or ``W = XᵀK⁻¹Y`` (dual), ``S = XW`` and
-    ``Z = (XᵀX + λI)⁻¹ Ŵ``:
+    With ``K`` the factorised Gram, ``Ŵ`` and ``Ŝ`` the incoming gradients, primal
+    (``W = K⁻¹XᵀY``, ``Z = K⁻¹(Ŵ + XᵀŜ)``):
 
-        dL/dY = X Z,        dL/dX = (Y − S) Zᵀ − (X Z) Wᵀ
+        dL/dY = X Z,        dL/dX = (Y − S) Zᵀ + (Ŝ − X Z) Wᵀ
 
-    i.e. the paper's ``∂L/∂T = Ḡ A`` and ``δA = Ḡᵀ(T − S) − Wᵀ Ḡ A`` with ``Ḡ = Ŵᵀ(AAᵀ + λI)⁻¹``. The dual
-    form uses ``X Z = K⁻¹ X Ŵ`` and ``Y − S = λ K⁻¹ Y``. The backward reuses the forward's Cholesky
-    factor and needs no Gram-sized product; double backward falls back to autograd through
-    ``ridge_autograd``.
+    i.e. the paper's ``∂L/∂T = Ḡ A`` and ``δA = Ḡᵀ(T − S) − Wᵀ Ḡ A + Wᵀ δS`` with
+    ``Ḡ = (Ŵ + ŜAᵀ)ᵀ(AAᵀ + λI)⁻¹``. Dual (``M = K⁻¹Y``, ``W = XᵀM``, ``S = Y − λM`` exactly, no product;
+    ``V = K⁻¹(XŴ − λŜ)``):
+
+        dL/dY = Ŝ + V,      dL/dX = M (Ŵᵀ − VᵀX) − V Wᵀ
+
+    The backward reuses the forward's Cholesky factor and needs no Gram-sized product; double backward
+    differentiates ``ridge_autograd`` instead.
     """
 
     @staticmethod
-    def forward(ctx, x, y, lam, layer):
+    def forward(ctx, x, y, solves, layer, cache, sums=True):
+        ctx.set_materialize_grads(False)
         xt = x.mT
-        ctx.dual, ctx.lam, ctx.layer = uses_dual(x.shape[-1], x.shape[-2]), lam, layer
+        ctx.dual, ctx.lam, ctx.layer, ctx.sums = uses_dual(x.shape[-1], x.shape[-2]), solves.lam, layer, sums
         if ctx.dual:
-            factor = factor_gram(x @ xt, lam, layer)
+            factor, ctx.shift = solves.factor(lambda: x @ xt, layer, x, cache)
             m = solve_with(y, factor)
             w = xt @ m
+            s = y - ctx.shift * m
             ctx.save_for_backward(x, y, w, factor, m)
         else:
-            factor = factor_gram(xt @ x, lam, layer)
+            factor, ctx.shift = solves.factor(lambda: xt @ x, layer, x, cache)
             w = solve_with(xt @ y, factor)
-            ctx.save_for_backward(x, y, w, factor)
-        return w
+            s = x @ w if sums else w.new_empty(0)
+            ctx.save_for_backward(x, y, w, factor, s)
+        return w, s
 
     @staticmethod
-    def backward(ctx, gw):
-        x, y, w, factor, *m = ctx.saved_tensors
+    def backward(ctx, gw, gs):
+        x, y, w, factor, extra = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain formula instead
             inputs = [t for t, need in ((x, need_x), (y, need_y)) if need]
-            grads = iter(torch.autograd.grad(ridge_autograd(x, y, ctx.lam, ctx.layer), inputs, gw,
-                                             create_graph=True))
-            return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None
-        gx = None
+            w2 = ridge_autograd(x, y, ctx.lam, ctx.layer)
+            grads = iter(regrad((w2, x @ w2), (gw, gs), inputs))
+            return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None, None, None
+        if gw is None and gs is None:
+            return None, None, None, None, None, None
+        gx = gy = None
         if ctx.dual:
-            u = solve_with(x @ gw, factor)  # X Z
+            m = extra
+            r = x @ gw if gw is not None else None
+            if gs is not None:
+                r = -ctx.shift * gs if r is None else r - ctx.shift * gs
+            v = solve_with(r, factor)
+            gy = v if gs is None else v + gs
             if need_x:
-                gx = m[0] @ (gw.mT - u.mT @ x) - u @ w.mT
+                gx = -(m @ (v.mT @ x)) if gw is None else m @ (gw.mT - v.mT @ x)
+                gx = gx - v @ w.mT
         else:
-            z = solve_with(gw, factor)
-            u = x @ z
+            s = extra if ctx.sums else x @ w
+            if gs is None:
+                g = gw
+            else:
+                g = x.mT @ gs if gw is None else torch.baddbmm(gw, x.mT, gs)  # Ŵ + XᵀŜ
+            z = solve_with(g, factor)
+            gy = x @ z
             if need_x:
-                gx = (y - x @ w) @ z.mT - u @ w.mT
-        return gx, (u if need_y else None), None, None
+                gx = torch.baddbmm(((gs - gy) if gs is not None else -gy) @ w.mT, y - s, z.mT)
+        return gx, (gy if need_y else None), None, None, None, None
 
 
-def ridge_solve(x: Tensor, y: Tensor, lam: float, layer: str = "?") -> Tensor:
-    """``argmin_W ||x W − y||² + λ||W||²`` for each leading (group) index.
+def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
+                cache: FactorCache | None = None, sums: bool = True) -> tuple[Tensor, Tensor]:
+    """``argmin_W ||x W − y||² + λ||W||²`` for each leading (group) index, and ``S = x W``.
 
     Args:
         x: (G, N, d), the layer's input patterns as rows (with a ones column for the bias), ``Aᵀ``.
         y: (G, N, o), the targets as rows, ``Tᵀ``.
-        lam: λ ≥ 0.
+        solves: a :class:`Solves`, or λ ≥ 0 for a careful one-off solve.
         layer: the layer's name, for error messages.
+        cache: the layer's :class:`FactorCache`, if its input may repeat.
+        sums: whether to compute ``S`` (else an empty tensor is returned in its place).
 
     Returns:
-        (G, d, o): ``Wᵀ = (A^‡)ᵀ Tᵀ`` in the dtype ``solve_dtype(x.dtype)``; differentiable in x and y
+        ``Wᵀ`` (G, d, o) and ``S`` (G, N, o) in the dtype ``solve_dtype(x.dtype)``; differentiable in x and y
         (Algorithm 3, by :class:`_Ridge`).
     """
+    if not isinstance(solves, Solves):
+        solves = Solves(solves, careful=True)
     dtype = solve_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
     if plain_autograd():
-        return ridge_autograd(x, y, lam, layer)
-    return _Ridge.apply(x, y, lam, layer)
+        w = ridge_autograd(x, y, solves.lam, layer)
+        return w, x @ w if sums else w.new_empty(0)
+    return _Ridge.apply(x, y, solves, layer, cache, sums)

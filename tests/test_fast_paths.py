@@ -1,0 +1,166 @@
+"""The performance paths agree with the plain ones (issue #5): the fx reference graph against the hook
+path, the sums S that the solve passes on against X·W, the first layer's cached factor, and the deferred
+Cholesky check. Every comparison is in float64 against an independent computation or the other path."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import target_param as tp
+from target_param import solver
+from target_param.convert import realisers
+from target_param.realise import ReferenceCall
+
+from conftest import ShortcutMLP, SmallCNN
+
+
+def _pair(make, ref, **kw):
+    """The same model converted twice, with the fx reference graph and with hooks only."""
+    torch.manual_seed(0)
+    a = make().double()
+    b = copy.deepcopy(a)
+    torch.manual_seed(0)  # the same random targets
+    tp.to_target_space(a, ref, init="random", **kw)
+    torch.manual_seed(0)
+    tp.to_target_space(b, ref, init="random", trace=False, **kw)
+    return a, b
+
+
+def _step_grads(model, x):
+    model.zero_grad()
+    model(x).square().sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("cascade", ["sequential", "optimistic"])
+@pytest.mark.parametrize("make,shape", [(ShortcutMLP, (12, 2)), (SmallCNN, (6, 3, 8, 8))], ids=["mlp", "cnn"])
+def test_reference_graph_equals_hook_path(make, shape, cascade):
+    torch.manual_seed(1)
+    ref, x = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    a, b = _pair(make, ref, lam=1e-2, cascade=cascade)
+    ra, rb = realisers(a)[0], realisers(b)[0]
+    calls = [m for m in ra.graph_module.modules() if isinstance(m, ReferenceCall)]
+    assert len(calls) == len(ra.layers) and rb.graph_module is None
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    a.eval(), b.eval()  # SmallCNN has dropout: compare deterministic forwards
+    for ga, gb in zip(_step_grads(a, x), _step_grads(b, x)):
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+    for la, lb in zip(ra.layers, rb.layers):
+        torch.testing.assert_close(la.module.weight, lb.module.weight, rtol=1e-10, atol=1e-12)
+
+
+def test_user_hook_on_converted_layer_still_runs_in_reference_pass():
+    """A forward hook added after conversion changes the next layer's input A; the graph path must see it."""
+    torch.manual_seed(2)
+    ref = torch.randn(16, 2, dtype=torch.float64)
+    a, b = _pair(ShortcutMLP, ref, lam=1e-3)
+    for m in (a, b):
+        m.layers[0].register_forward_hook(lambda mod, args, out: 2 * out)
+    with torch.no_grad():
+        a(ref), b(ref)  # realise both
+    for p, q in zip(a.layers, b.layers):
+        torch.testing.assert_close(p.weight, q.weight, rtol=1e-10, atol=1e-12)
+    # and the hook matters: without it the next layer's weights differ
+    c = copy.deepcopy(a)
+    c.layers[0]._forward_hooks.popitem()
+    with torch.no_grad():
+        c(ref)
+    assert not torch.allclose(c.layers[1].weight, a.layers[1].weight)
+
+
+@pytest.mark.parametrize("d_in,nbar", [(3, 20), (30, 6)], ids=["primal", "dual"])
+@pytest.mark.parametrize("trace", [True, False], ids=["graph", "hooks"])
+@pytest.mark.parametrize("lam", [1e-3, 0.0])
+def test_sums_passed_on_equal_x_times_w(d_in, nbar, trace, lam):
+    """Projection (eq. 13) captures the S each layer passes on; it must be X·W with the realised W, also
+    after a Cholesky failure repaired by jitter (λ = 0 and duplicated patterns)."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(d_in, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    half = torch.randn(nbar // 2, d_in, dtype=torch.float64)
+    ref = torch.cat([half, half])  # duplicated rows: XXᵀ is singular in the dual form
+    with warnings.catch_warnings():  # λ = 0 warns (IllConditioned), by design
+        warnings.simplefilter("ignore")
+        tp.to_target_space(m, ref, lam=lam, init="random", trace=trace)
+        w = [(m[i].weight.detach().clone(), m[i].bias.detach().clone()) for i in (0, 2)]
+        realisers(m)[0].project()  # T ← S: the S that the reference pass passed on
+    s1, s2 = (m[i].parametrizations.weight.original for i in (0, 2))
+    torch.testing.assert_close(s1, F.linear(ref, *w[0]), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(s2, F.linear(torch.tanh(s1), *w[1]), rtol=1e-7, atol=1e-7)
+
+
+def _count_grams(monkeypatch) -> list:
+    calls = []
+    original = solver._add_diagonal
+
+    def counting(gram, lam):
+        calls.append(tuple(gram.shape))
+        return original(gram, lam)
+
+    monkeypatch.setattr(solver, "_add_diagonal", counting)
+    return calls
+
+
+def _explicit_first_layer(model, ref, lam):
+    """W = T A^‡ (eq. 6-7) of the first layer, from scratch in float64."""
+    lin = model.layers[0]
+    a = torch.cat([ref, torch.ones(len(ref), 1, dtype=ref.dtype)], 1)
+    t = lin.parametrizations.weight.original
+    wt = torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1], dtype=a.dtype), a.T @ t)
+    return wt[:-1].T, wt[-1]
+
+
+def test_first_layer_factor_is_cached_and_follows_the_reference(monkeypatch):
+    torch.manual_seed(4)
+    ref, x = torch.randn(30, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    m = ShortcutMLP().double()
+    tp.to_target_space(m, ref, lam=1e-3, init="random")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    calls = _count_grams(monkeypatch)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        opt.step()
+    n = len(m.layers)
+    assert len(calls) == 3 * (n - 1), calls  # every layer but the first, every step
+    w, b = _explicit_first_layer(m, m.target_space_reference, 1e-3)
+    torch.testing.assert_close(m.layers[0].weight, w), torch.testing.assert_close(m.layers[0].bias, b)
+    # a changed reference batch (in place: same tensor, new values) is noticed
+    with torch.no_grad():
+        m.target_space_reference.mul_(1.5)
+    calls.clear()
+    m(x)
+    assert len(calls) == n
+    w, b = _explicit_first_layer(m, m.target_space_reference, 1e-3)
+    torch.testing.assert_close(m.layers[0].weight, w), torch.testing.assert_close(m.layers[0].bias, b)
+
+
+def test_cached_factor_not_used_when_the_first_input_changes(monkeypatch):
+    """Dropout before the first converted layer: its input differs every realisation, so no cache hit."""
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    tp.to_target_space(m, torch.randn(20, 4, dtype=torch.float64), lam=1e-2)
+    m.train()
+    calls = _count_grams(monkeypatch)
+    for _ in range(2):
+        m(torch.randn(5, 4, dtype=torch.float64)).sum().backward()
+    assert len(calls) == 4
+
+
+def test_deferred_failure_repeats_carefully_and_stays_careful():
+    torch.manual_seed(6)
+    x = torch.randn(10, 2)
+    lin = nn.Linear(4, 3)
+    with pytest.warns(tp.IllConditionedWarning):
+        tp.to_target_space(lin, torch.cat([x, x], 1), lam=0.0)
+    r = realisers(lin)[0]
+    assert r.careful
+    assert torch.isfinite(lin.weight).all()
+    healthy = nn.Linear(2, 3)
+    tp.to_target_space(healthy, x, lam=1e-3)
+    assert not realisers(healthy)[0].careful
