@@ -127,6 +127,9 @@ class Solves:
 
     def __init__(self, lam: float, careful: bool = False):
         self.lam, self.careful, self.infos = float(lam), careful, []
+        # Only a grad-enabled pass can tell an input that is independent of every target (no grad) from
+        # one that merely has no graph (under no_grad), so only such a pass fills a FactorCache.
+        self.fills_cache = torch.is_grad_enabled()
 
     def factor(self, gram: Callable[[], Tensor], layer: str, x: Tensor, cache: FactorCache | None = None):
         """``(factor, shift)`` of ``gram() + λI`` (``gram`` is only called when the cache misses)."""
@@ -141,7 +144,7 @@ class Solves:
             shift = self.lam
         if info is not None:
             self.infos.append(info.reshape(-1))
-        if cache is not None and hit is None:
+        if cache is not None and hit is None and self.fills_cache:
             cache.store(x, (factor, shift, info if info is not None else torch.zeros_like(factor[..., 0, 0],
                                                                                             dtype=torch.int32)))
         return factor, shift

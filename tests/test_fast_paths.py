@@ -127,7 +127,11 @@ def test_first_layer_factor_is_cached_and_follows_the_reference(monkeypatch):
         m(x).square().sum().backward()
         opt.step()
     n = len(m.layers)
-    assert len(calls) == 3 * (n - 1), calls  # every layer but the first, every step
+    # the first grad-enabled pass stores the first layer's factor (a no_grad pass cannot tell a fixed
+    # input from one without a graph, so conversion stores none); then every layer but the first
+    assert len(calls) == n + 2 * (n - 1), calls
+    # and only that layer keeps a copy of its input (memory)
+    assert [layer.adapter.cache.input is not None for layer in realisers(m)[0].layers] == [True] + [False] * (n - 1)
     w, b = _explicit_first_layer(m, m.target_space_reference, 1e-3)
     torch.testing.assert_close(m.layers[0].weight, w), torch.testing.assert_close(m.layers[0].bias, b)
     # a changed reference batch (in place: same tensor, new values) is noticed
