@@ -569,7 +569,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: 1 warm-up step, at most 4 pairs")
     p.add_argument("--budget", type=float, default=90.0,
                    help="stop a configuration's timing after this many seconds (at least 5 pairs; 0 = never)")
-    p.add_argument("--max-positions", type=int, default=1024,
+    p.add_argument("--max-positions", type=int, default=2048,
                    help="value passed as max_positions for cnn-approx, if the library has that option")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--profile", default="",

@@ -24,7 +24,7 @@ from .errors import (
     ReferenceBatchError,
     UnsupportedLayerError,
 )
-from .layers import adapter_for, is_candidate
+from .layers import ConvAdapter, adapter_for, is_candidate
 from .parametrization import TargetParametrization, copy_with_own_class
 from .plan import Plan, make_plan
 from .realise import REALISER_ATTR, ConvertedLayer, Realiser, reused_error
@@ -59,7 +59,7 @@ def realisations(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------ checks
-def _check_options(lam, init, cascade, target_std) -> None:
+def _check_options(lam, init, cascade, target_std, max_positions) -> None:
     if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
         raise InvalidArgumentError(
             "lam must be a finite number ≥ 0: it is the absolute ridge λ of eq. 6, added to the "
@@ -81,6 +81,17 @@ def _check_options(lam, init, cascade, target_std) -> None:
         )
     if not isinstance(target_std, (int, float)) or not target_std > 0:
         raise InvalidArgumentError("target_std must be > 0.", None, target_std=target_std)
+    if max_positions is not None:
+        if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
+            raise InvalidArgumentError("max_positions must be a positive int, or None (exact).", None,
+                                       max_positions=max_positions)
+        if cascade != "sequential":
+            raise InvalidArgumentError(
+                "max_positions needs cascade='sequential': under OCU a layer passes its target on (eq. 8), "
+                "and a target on a subset of positions is not a feature map.",
+                "Use cascade='sequential', or max_positions=None.",
+                max_positions=max_positions, cascade=cascade,
+            )
 
 
 def _as_inputs(ref_batch) -> tuple:
@@ -175,8 +186,9 @@ class _Snapshot:
             m.__dict__.update(attrs)
 
 
-def _register(realiser: Realiser, i: int, targets: dict[str, Tensor]) -> None:
-    """Targets become Parameters at ``parametrizations[name].original``; other tensors get placeholders."""
+def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions: Tensor | None = None) -> None:
+    """Targets become Parameters at ``parametrizations[name].original``; other tensors get placeholders;
+    ``positions`` (the approximate option) becomes a buffer of the weight's parametrization."""
     layer = realiser.layers[i]
     m = layer.module
     for name in layer.adapter.tensors:
@@ -191,6 +203,8 @@ def _register(realiser: Realiser, i: int, targets: dict[str, Tensor]) -> None:
             m.parametrizations[name]._non_persistent_buffers_set.add("original")  # a placeholder, not state
     copy_with_own_class(m)
     owner = m.parametrizations[layer.adapter.targets[0]][0]
+    if positions is not None:
+        owner.register_buffer("positions", positions)
     m.register_forward_pre_hook(owner.pre_hook)
     m.register_forward_hook(owner.post_hook)
 
@@ -204,9 +218,10 @@ def _remove_hooks(module: nn.Module, owner) -> None:
 
 
 # ------------------------------------------------------------------------------------------ verbs
-def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace) -> tuple[tuple, Plan]:
+def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions=None
+          ) -> tuple[tuple, Plan]:
     """Every check, and the plan; nothing is changed."""
-    _check_options(lam, init, cascade, target_std)
+    _check_options(lam, init, cascade, target_std, max_positions)
     if is_target_space(model):
         raise AlreadyConvertedError(
             "The model is already in target space (it or one of its submodules was converted).",
@@ -237,8 +252,10 @@ def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace) ->
             "Check that model(*ref_batch) reaches the Linear/Conv layers.",
             selected=[pl.name for pl in plan.layers],
         )
+    for pl in ran:
+        pl.max_positions = max_positions
     plan.layers = ran
-    plan.options = dict(lam=lam, init=init, target_std=target_std, cascade=cascade)
+    plan.options = dict(lam=lam, init=init, target_std=target_std, cascade=cascade, max_positions=max_positions)
     return inputs, plan
 
 
@@ -252,6 +269,7 @@ def explain(
     cascade: str = "sequential",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     trace: bool = True,
+    max_positions: int | None = None,
 ) -> Plan:
     """The conversion plan of ``to_target_space`` with the same arguments, without changing ``model``.
 
@@ -259,7 +277,7 @@ def explain(
     solve (eq. 23), whether the Gram can have full rank, the target's shape and size and an estimated cost
     per step; then target against weight parameter totals. Use it to choose n̄ and λ.
     """
-    return _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace)[1]
+    return _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions)[1]
 
 
 def to_target_space(
@@ -272,6 +290,7 @@ def to_target_space(
     cascade: str = "sequential",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     trace: bool = True,
+    max_positions: int | None = None,
 ) -> nn.Module:
     r"""Convert ``model`` in place to target space and return it.
 
@@ -293,11 +312,18 @@ def to_target_space(
         cascade: ``"sequential"`` (SCU, Algorithm 2) or ``"optimistic"`` (OCU, eq. 8).
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` selects layers; default all eligible.
         trace: plan with torch.fx (see :mod:`target_param.plan`); ``False`` uses hooks only.
+        max_positions: the approximate option of section 4.2 ("only use a subset of patches when forming
+            the pseudoinverse"), off (``None``) by default. A conv layer with more than ``max_positions``
+            patch columns (n̄ × output positions) is solved on a fixed random subset of that many
+            columns, drawn with torch's default generator and kept as the buffer
+            ``parametrizations.weight[0].positions``; its target then exists at those columns only, shape
+            (max_positions, C_out), and the layer still computes its whole output. Linear and recurrent
+            layers stay exact.
 
     Returns:
         ``model``.
     """
-    inputs, plan = _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace)
+    inputs, plan = _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions)
     ran = [pl for pl in plan.layers if pl.calls]
     for pl in ran:
         s = pl.stats()
@@ -324,10 +350,15 @@ def to_target_space(
             if n is not None:
                 model.register_buffer(n, x.detach().clone())
         for k, pl in enumerate(ran):
-            targets = pl.sums if init == "project" else {
+            sums, positions, adapter = pl.sums, None, layers[k].adapter
+            if max_positions is not None and isinstance(adapter, ConvAdapter):
+                positions = adapter.choose_positions(sums["weight"], max_positions)
+                if positions is not None:
+                    sums = {"weight": adapter.at_positions(sums["weight"], positions)}
+            targets = sums if init == "project" else {
                 n: nn.init.trunc_normal_(torch.empty_like(s), std=target_std, a=-2 * target_std, b=2 * target_std)
-                for n, s in pl.sums.items()}
-            _register(realiser, k, targets)
+                for n, s in sums.items()}
+            _register(realiser, k, targets, positions)
         model.__dict__[REALISER_ATTR] = realiser
         model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True)  # before a layer's own hook
         model.register_forward_hook(realiser.root_post_hook, always_call=True)

@@ -178,6 +178,57 @@ class ConvAdapter(FeedForwardAdapter):
         # Zero padding, symmetric: the conv-shaped products pad by themselves and nothing padded is kept.
         self.native = self.padding_mode == "zeros" and self.pad[0::2] == self.pad[1::2]
         self.conv_padding = tuple(self.pad[0::2][::-1]) if self.native else 0
+        self.subset = False  # approximate: solved on a fixed subset of patch columns (see choose_positions)
+
+    # ------------------------------------------------ the approximate option (section 4.2, max_positions)
+    def choose_positions(self, out: Tensor, max_positions: int) -> Tensor | None:
+        """A fixed random subset of ``max_positions`` of the n̄ × positions patch columns, or None when
+        there are no more columns than that (the layer stays exact)."""
+        cols = out.numel() // self.out_features
+        if cols <= max_positions:
+            return None
+        self.subset = True
+        return torch.randperm(cols)[:max_positions].sort().values.to(out.device)
+
+    def at_positions(self, out: Tensor, positions: Tensor) -> Tensor:
+        """The layer output (n, C_out, P...) at the chosen columns: (M, C_out), the shape of its target."""
+        return out.reshape(out.shape[0], self.out_features, -1).mT.reshape(-1, self.out_features)[positions]
+
+    def patches_at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """The im2col columns ``positions`` only, (G, M, d), from strided views of the padded input."""
+        v = self.pad_input(x)
+        for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
+            v = v.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+        grid = v.shape[2:2 + self.nd]
+        image, flat = positions // math.prod(grid), positions % math.prod(grid)
+        patches = v[(image, slice(None), *torch.unravel_index(flat, grid))]  # (M, C_in, K...)
+        return patches.reshape(len(positions), self.groups, -1).transpose(0, 1)
+
+    def positions(self, module: nn.Module) -> Tensor:
+        return module.parametrizations["weight"][0].positions
+
+    def sums(self, module, args, output):
+        if self.subset:
+            return {"weight": self.at_positions(output, self.positions(module))}
+        return {"weight": output}
+
+    def problems(self, sums):
+        if self.subset:
+            return [(self.in_rows(), sums["weight"].shape[0], self.groups, self.out_features // self.groups)]
+        return super().problems(sums)
+
+    def realise_subset(self, module, args, targets, solves, name):
+        """Eq. 6 on the chosen columns only; the layer then computes its full output with that W."""
+        t = targets["weight"]
+        dtype = solve_dtype(t.dtype)
+        x = args[0].to(dtype)
+        a = self.patches_at(x, self.positions(module))
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        y = t.to(dtype).reshape(t.shape[0], self.groups, -1).transpose(0, 1)
+        wt, _ = ridge_solve(a, y, solves, name, self.cache, sums=False)
+        out = self.conv(x if self.native else self.pad_input(x), wt)
+        return self.tensors_of(wt, t.dtype), out.to(t.dtype)
 
     def in_rows(self) -> int:
         return self.in_per_group * math.prod(self.kernel_size) + self.has_bias
@@ -230,6 +281,8 @@ class ConvAdapter(FeedForwardAdapter):
         return torch.cat([torch.cat([gram, sums[..., None]], 2), torch.cat([sums[:, None], corner], 2)], 1)
 
     def realise(self, module, args, targets, solves, name, optimistic):
+        if self.subset:
+            return self.realise_subset(module, args, targets, solves, name)
         t = targets["weight"]
         cols = t.numel() // self.out_features
         if plain_autograd() or uses_dual(self.in_rows(), cols) or t.shape[0] != args[0].shape[0]:
@@ -379,8 +432,8 @@ class _ConvRidge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, ad, solves, layer):
         ctx.set_materialize_grads(False)
-        factor, _ = solves.factor(lambda: ad.gram_of(x), layer, x, ad.cache)
-        w = solve_with(ad.cross(x, t), factor)
+        factor, _, ctx.inverse = solves.factor(lambda: ad.gram_of(x), layer, x, ad.cache, ad.out_features // ad.groups)
+        w = solve_with(ad.cross(x, t), factor, ctx.inverse)
         s = ad.conv(x, w)
         ctx.ad, ctx.lam, ctx.layer = ad, solves.lam, layer
         ctx.save_for_backward(x, t, w, factor, s)
@@ -403,7 +456,7 @@ class _ConvRidge(torch.autograd.Function):
             return None, None, None, None, None
         if gs is not None:
             gw = ad.cross(x, gs) if gw is None else gw + ad.cross(x, gs)
-        z = solve_with(gw, factor)
+        z = solve_with(gw, factor, ctx.inverse)
         xz = ad.conv(x, z)  # dL/dT
         gx = None
         if need_x:

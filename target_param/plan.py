@@ -14,6 +14,7 @@ into a call of the module (plus the external bias, if any), so that its input A 
 """
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class PlannedLayer:
     functional: list = field(default_factory=list)  # fx nodes that use its weight outside the module
     hidden_in: str | None = None  # the fx leaf block that contains it, if any
     sums: dict | None = None  # S_j on the reference batch (weight space), by target name
+    max_positions: int | None = None  # the approximate option: columns a conv layer is solved on
 
     @property
     def kind(self) -> str:
@@ -55,6 +57,8 @@ class PlannedLayer:
     def stats(self) -> dict:
         """Solve shape and an operation count per training step (eq. 6 plus the reference forward)."""
         problems = adapter_for(self.module).problems(self.sums)
+        if self.max_positions is not None and isinstance(self.module, nn.modules.conv._ConvNd):
+            problems = [(r, min(c, self.max_positions), g, o) for r, c, g, o in problems]
         flops = 0.0
         for rows, cols, g, out_g in problems:
             if uses_dual(rows, cols):  # XXᵀ, Cholesky, solve, Xᵀ Z, S = W A
@@ -64,10 +68,14 @@ class PlannedLayer:
             flops += g * f
         rows, cols, g, _ = max(problems)
         first = next(iter(self.sums.values()))
+        shape = tuple(first.shape)
+        if isinstance(self.module, nn.modules.conv._ConvNd) and cols < first.numel() // shape[1]:
+            shape = (cols, shape[1])  # the approximate option: a target at the chosen columns only
         return dict(
             rows=rows, cols=cols, groups=g, dual=uses_dual(rows, cols),
             full_rank=all(c >= r for r, c, _, _ in problems),
-            target_shape=tuple(first.shape), target_size=sum(t.numel() for t in self.sums.values()),
+            target_shape=shape, target_size=sum(t.numel() for t in self.sums.values()) if shape == tuple(
+                first.shape) else math.prod(shape),
             weight_size=sum(p.numel() for p in self.module.parameters(recurse=False)),
             mflops=3 * flops / 1e6,  # forward + backward ≈ 3 × forward
         )

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import target_param as tp
 from target_param import solver
@@ -168,3 +168,72 @@ def test_deferred_failure_repeats_carefully_and_stays_careful():
     healthy = nn.Linear(2, 3)
     tp.to_target_space(healthy, x, lam=1e-3)
     assert not realisers(healthy)[0].careful
+
+
+# ------------------------------------------------------------------ the approximate option (max_positions)
+def _explicit_subset_weight(conv: nn.Conv2d, x: Tensor, t: Tensor, positions: Tensor, lam: float):
+    """W = T A_sub^‡ (eq. 6) on the chosen im2col columns, built with F.unfold, per group, differentiable."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (n, C·k, P)
+    a = cols.transpose(1, 2).reshape(-1, cols.shape[1])[positions]
+    g, cg, og = conv.groups, conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    ws, bs = [], []
+    for i in range(g):
+        ai = torch.cat([a[:, i * cg * k:(i + 1) * cg * k], torch.ones(len(a), 1, dtype=a.dtype)], 1)
+        wi = torch.linalg.solve(ai.T @ ai + lam * torch.eye(ai.shape[1], dtype=a.dtype), ai.T @ t[:, i * og:(i + 1) * og])
+        ws.append(wi[:-1].T), bs.append(wi[-1])
+    return torch.cat(ws).reshape(conv.weight.shape), torch.cat(bs)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=2, dilation=2, groups=2),
+                                dict(stride=2, padding=1, padding_mode="reflect")], ids=["same", "dil-g2", "s2-reflect"])
+def test_max_positions_solves_eq6_on_the_chosen_columns(kw):
+    torch.manual_seed(7)
+    conv = nn.Conv2d(4, 6, 3, **kw).double()
+    m = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3).double())
+    ref, x = torch.randn(6, 4, 9, 9, dtype=torch.float64), torch.randn(3, 4, 9, 9, dtype=torch.float64)
+    m(ref)  # materialise the lazy layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.RankDeficientWarning)
+        tp.to_target_space(m, ref, lam=1e-2, init="random", max_positions=60)
+    t = conv.parametrizations.weight.original
+    positions = conv.parametrizations.weight[0].positions
+    assert t.shape == (60, 6) and positions.shape == (60,) and len(set(positions.tolist())) == 60
+    assert not hasattr(m[3].parametrizations.weight[0], "positions")  # Linear layers stay exact
+    w, b = _explicit_subset_weight(conv, ref, t, positions, 1e-2)
+    torch.testing.assert_close(conv.weight, w), torch.testing.assert_close(conv.bias, b)
+    # the gradient reaching the target is that of the explicit formula
+    out = F.conv2d(F.pad(x, conv._reversed_padding_repeated_twice,
+                         mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode),
+                   w, b, conv.stride, 0, conv.dilation, conv.groups)
+    (expected,) = torch.autograd.grad(out.square().sum(), t)
+    m.zero_grad()
+    conv(x).square().sum().backward()
+    torch.testing.assert_close(t.grad, expected)
+
+
+def test_max_positions_checkpoint_keeps_the_columns_and_options_are_checked():
+    torch.manual_seed(8)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    ref, x = torch.randn(4, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    a = tp.to_target_space(make(), ref, init="random", max_positions=100)
+    torch.manual_seed(9)  # another draw of the columns
+    b = tp.to_target_space(make(), ref, init="random", max_positions=100)
+    pa, pb = (m[0].parametrizations.weight[0].positions for m in (a, b))
+    assert not torch.equal(pa, pb)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b[0].parametrizations.weight[0].positions, pa)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x))
+    plan = tp.explain(make(), ref, max_positions=100)
+    assert [pl.stats()["cols"] for pl in plan.layers] == [100, 100]
+    assert plan.layers[0].stats()["target_shape"] == (100, 4)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(tp.InvalidArgumentError, match="max_positions"):
+            tp.to_target_space(make(), ref, max_positions=bad)
+    with pytest.raises(tp.InvalidArgumentError, match="sequential"):
+        tp.to_target_space(make(), ref, max_positions=10, cascade="optimistic")
+    tp.to_weight_space(a)
+    assert [k for k in a.state_dict() if "positions" in k] == []

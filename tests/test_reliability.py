@@ -142,6 +142,10 @@ def test_ddp_two_processes_match_single_process(accumulate, tmp_path):
         opt.step()
     for k, v in single.state_dict().items():
         assert torch.allclose(r0[k], v, rtol=1e-10, atol=1e-12), k
+    # The realised weights amplify the last bits of the targets by the Gram's condition number (here
+    # 2.5e-12 in the targets became 1.8e-9 in a small weight); so the realisation itself is compared
+    # from the very same targets: the rank's state loaded into the single-process model.
+    single.load_state_dict({k: v for k, v in r0.items() if not k.startswith("realised.")})
     with torch.no_grad():
         for i, lin in enumerate(single.layers):
-            assert torch.allclose(r0[f"realised.{i}"], lin.weight, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(r0[f"realised.{i}"], lin.weight, rtol=1e-12, atol=0)
