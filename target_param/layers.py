@@ -195,14 +195,23 @@ class ConvAdapter(FeedForwardAdapter):
         return out.reshape(out.shape[0], self.out_features, -1).mT.reshape(-1, self.out_features)[positions]
 
     def patches_at(self, x: Tensor, positions: Tensor) -> Tensor:
-        """The im2col columns ``positions`` only, (G, M, d), from strided views of the padded input."""
-        v = self.pad_input(x)
-        for i, (k, s, d) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
-            v = v.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
-        grid = v.shape[2:2 + self.nd]
+        """The im2col columns ``positions`` only, (G, M, d), gathered by flat index from the padded input,
+        so that their backward scatters into an input-sized gradient (not a k-times larger patch view)."""
+        xp = self.pad_input(x)
+        c, sizes = xp.shape[1], xp.shape[2:]
+        grid = [(p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(sizes, self.kernel_size, self.stride, self.dilation)]
         image, flat = positions // math.prod(grid), positions % math.prod(grid)
-        patches = v[(image, slice(None), *torch.unravel_index(flat, grid))]  # (M, C_in, K...)
-        return patches.reshape(len(positions), self.groups, -1).transpose(0, 1)
+        strides = [math.prod(sizes[i + 1:]) for i in range(self.nd)]  # of the padded spatial dims
+        spatial = 0
+        for i, (u, k, s, d) in enumerate(zip(torch.unravel_index(flat, grid), self.kernel_size, self.stride,
+                                            self.dilation)):
+            shape = [1] * self.nd
+            shape[i] = k
+            offsets = (torch.arange(k, device=x.device) * d).reshape(shape)
+            spatial = spatial + (u.reshape(-1, *[1] * self.nd) * s + offsets) * strides[i]  # (M, K...)
+        plane = (image[:, None] * c + torch.arange(c, device=x.device)) * math.prod(sizes)  # (M, C)
+        index = plane.reshape(*plane.shape, *[1] * self.nd) + spatial[:, None]  # (M, C, K...)
+        return xp.reshape(-1)[index].reshape(len(positions), self.groups, -1).transpose(0, 1)
 
     def positions(self, module: nn.Module) -> Tensor:
         return module.parametrizations["weight"][0].positions
