@@ -199,7 +199,8 @@ class ConvAdapter(FeedForwardAdapter):
         so that their backward scatters into an input-sized gradient (not a k-times larger patch view)."""
         xp = self.pad_input(x)
         c, sizes = xp.shape[1], xp.shape[2:]
-        grid = [(p - d * (k - 1) - 1) // s + 1 for p, k, s, d in zip(sizes, self.kernel_size, self.stride, self.dilation)]
+        grid = [(p - d * (k - 1) - 1) // s + 1
+                for p, k, s, d in zip(sizes, self.kernel_size, self.stride, self.dilation)]
         image, flat = positions // math.prod(grid), positions % math.prod(grid)
         strides = [math.prod(sizes[i + 1:]) for i in range(self.nd)]  # of the padded spatial dims
         spatial = 0

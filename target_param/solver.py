@@ -205,8 +205,8 @@ class _Ridge(torch.autograd.Function):
 
         dL/dY = X Z,        dL/dX = (Y − S) Zᵀ + (Ŝ − X Z) Wᵀ
 
-    i.e. the paper's ``∂L/∂T = Ḡ A`` and ``δA = Ḡᵀ(T − S) − Wᵀ Ḡ A + Wᵀ δS`` with
-    ``Ḡ = (Ŵ + ŜAᵀ)ᵀ(AAᵀ + λI)⁻¹``. Dual (``M = K⁻¹Y``, ``W = XᵀM``, ``S = Y − λM`` exactly, no product;
+    i.e. in the paper's column layout ``∂L/∂T = Ḡ A`` and ``δA = Ḡᵀ(T − S) − Wᵀ Ḡ A + Wᵀ δS`` with
+    ``Ḡ = (Ŵ + δS Aᵀ)(AAᵀ + λI)⁻¹`` (Algorithm 3). Dual (``M = K⁻¹Y``, ``W = XᵀM``, ``S = Y − λM`` exactly, no product;
     ``V = K⁻¹(XŴ − λŜ)``):
 
         dL/dY = Ŝ + V,      dL/dX = M (Ŵᵀ − VᵀX) − V Wᵀ
