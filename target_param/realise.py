@@ -59,9 +59,11 @@ def _fingerprint(t: Tensor) -> tuple:
 
 
 @contextlib.contextmanager
-def frozen_running_stats(root: nn.Module):
-    """Normalisation layers keep their running statistics untouched (batch statistics in train mode)."""
-    changed = [m for m in root.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
+def frozen_running_stats(root: nn.Module, modules: list | None = None):
+    """Normalisation layers keep their running statistics untouched (batch statistics in train mode).
+    ``modules``: ``list(root.modules())`` if the caller has it already."""
+    changed = [m for m in (root.modules() if modules is None else modules)
+               if isinstance(m, _NormBase) and m.training and m.track_running_stats]
     for m in changed:
         m.track_running_stats = False
     try:
@@ -150,9 +152,9 @@ class Realiser:
     def reference_inputs(self) -> tuple:
         return tuple(getattr(self.root, name) if name else value for name, value in self.reference)
 
-    def state_key(self) -> tuple:
+    def state_key(self, modules: list | None = None) -> tuple:
         """Changes whenever anything the reference pass reads may have changed."""
-        modules = list(self.root.modules())  # one walk of the tree per forward, not three
+        modules = list(self.root.modules()) if modules is None else modules
         return tuple(m.training for m in modules), tuple(
             _fingerprint(t) for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values())
             if t is not None)
@@ -177,7 +179,8 @@ class Realiser:
         self.solves = Solves(self.lam, self.careful)
         try:
             try:
-                with frozen_running_stats(self.root):
+                modules = list(self.root.modules())  # one walk of the tree per realisation
+                with frozen_running_stats(self.root, modules):
                     (self.graph_module or self.root)(*self.reference_inputs())
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
@@ -215,7 +218,7 @@ class Realiser:
                     t.register_hook(self._graph_used)
         finally:
             self.phase, self.pending, self.outputs, self.solves = prev, None, None, None
-        self.key = self.state_key()
+        self.key = self.state_key(modules)
         self.realisations += 1
 
     def _retry_carefully(self) -> bool:
