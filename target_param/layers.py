@@ -81,9 +81,7 @@ class FeedForwardAdapter(Adapter):
         """``W[0:j] = T_j A[0:j)^‡`` (eq. 6) from the layer's input ``args[0]`` on the reference batch, and
         the sums ``S_j = W[0:j] A[0:j)`` it achieves, which the layer passes on (Algorithm 2)."""
         t = targets["weight"]
-        a = self.patches(args[0])
-        if self.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        a = self.with_ones(self.patches(args[0]))
         y = self.rows(t)
         if y.shape[-2] != a.shape[-2]:
             raise ReferenceBatchError(
@@ -97,6 +95,10 @@ class FeedForwardAdapter(Adapter):
             )
         wt, s = ridge_solve(a, y, solves, name, self.cache)
         return self.tensors_of(wt, t.dtype), self.unrows(s, t).to(t.dtype)
+
+    def with_ones(self, a: Tensor) -> Tensor:
+        """The patches (G, N, d) with the row of ones of eq. 2a appended when the layer has a bias."""
+        return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if self.has_bias else a
 
     def tensors_of(self, wt: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         w, b = self.assemble(wt, dtype)
@@ -232,9 +234,7 @@ class ConvAdapter(FeedForwardAdapter):
         t = targets["weight"]
         dtype = solve_dtype(t.dtype)
         x = args[0].to(dtype)
-        a = self.patches_at(x, self.positions(module))
-        if self.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        a = self.with_ones(self.patches_at(x, self.positions(module)))
         y = t.to(dtype).reshape(t.shape[0], self.groups, -1).transpose(0, 1)
         wt, _ = ridge_solve(a, y, solves, name, self.cache, sums=False)
         out = self.conv(x if self.native else self.pad_input(x), wt)
@@ -455,9 +455,7 @@ class _ConvRidge(torch.autograd.Function):
         ad = ctx.ad
         need_x, need_t = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain im2col formula instead
-            a = ad.patches_of(x)
-            if ad.has_bias:
-                a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)
+            a = ad.with_ones(ad.patches_of(x))
             inputs = [v for v, need in ((x, need_x), (t, need_t)) if need]
             w2 = ridge_autograd(a, ad.rows(t), ctx.lam, ctx.layer)
             grads = iter(regrad((w2, ad.conv(x, w2)), (gw, gs), inputs))
