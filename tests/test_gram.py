@@ -13,7 +13,7 @@ from target_param.layers import ConvAdapter
 CASES = [
     (nd, k, dil, g, pad, mode, bias)
     for nd, k, dil, g, pad, mode, bias in itertools.product(
-        [1, 2], [1, 2, 3, (3, 2)], [1, 2], [1, 2], [0, 1, "same"], ["zeros", "reflect"], [True, False])
+        [1, 2], [1, 2, 3, (3, 2), (5, 3)], [1, 2], [1, 2], [0, 1, 2, "same"], ["zeros", "reflect"], [True, False])
     if not (nd == 1 and isinstance(k, tuple)) and not (mode == "reflect" and pad == 0)
 ]
 
@@ -41,7 +41,7 @@ def test_shift_gram_equals_im2col_gram(nd, k, dil, g, pad, mode, bias):
     assert min(out) >= layers._SHIFT_GRAM_MIN  # the shift path is the one under test
     conv2d = nn.Conv2d(4, 6, ((1,) + ad.kernel_size)[-2:], dilation=((1,) + ad.dilation)[-2:], groups=g)
     reference = unfold_gram(conv2d, xp if nd == 2 else xp[:, :, None], bias)
-    got = ad.gram(xp)
+    got = ad.gram_of(x if ad.native else xp)
     assert torch.allclose(got, reference, rtol=1e-12, atol=1e-10 * reference.abs().max())
 
 
