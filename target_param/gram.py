@@ -6,9 +6,9 @@ window of offset (a, b). Summed over the *whole* input instead, the correlation 
 the (2kh−1)(2kw−1) shifts, half of them by symmetry, replace the (kh·kw)² blocks. Each block is then
 ``F(δ)`` minus the few border rows and columns that lie outside its window (inclusion–exclusion).
 
-Layout: the input is copied once, channel-major, into a flat buffer (C, n·Hr·Wr) whose rows and columns
-carry ``dilation·(k−1)`` zeros after each image row and each image; a shift is then a fixed offset into the
-buffer and ``F(δ)`` one matrix product (C × P)·(P × C), with no copy per shift. ``core`` is the part of the
+Layout: the input is copied once into a flat buffer (C, rows × images × columns) with ``dilation·(k−1)``
+zero columns after each image row and zero rows at the end; a shift is then a fixed offset into the buffer,
+``F(δ)`` one matrix product (C × P)·(P × C), and a border row of every image one contiguous slice. ``core`` is the part of the
 padded input that may be non-zero: with zero padding the unpadded input, whose padding (``pad``) only
 clips the windows.
 """
@@ -26,10 +26,6 @@ def _outside(n: int, lo: int, hi: int, shift: int) -> list[slice]:
     return [slice(i, j) for i, j in ((a, min(b, lo)), (max(a, hi), b)) if j > i]
 
 
-def _moved(s: slice, by: int) -> slice:
-    return slice(s.start + by, s.stop + by)
-
-
 def shift_gram(core: Tensor, groups: int, kernel: tuple[int, int], dilation: tuple[int, int],
                pad: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
     """Gram ``XᵀX`` (G, d, d) and column sums (G, d) of the stride-1 patches of ``core`` (n, C, h, w)
@@ -39,43 +35,38 @@ def shift_gram(core: Tensor, groups: int, kernel: tuple[int, int], dilation: tup
     top, bottom, left, right = pad
     gh, gw = dh * (kh - 1), dw * (kw - 1)
     ho, wo = h + top + bottom - gh, w + left + right - gw  # output positions per image
-    hr, wr = h + gh, w + gw
-    p = n * hr * wr
-    buf = core.new_zeros(c, gw + p + gh * wr + gw)  # room for every shifted view
-    buf[:, gw:gw + p].view(c, n, hr, wr)[:, :, :h, :w] = core.transpose(0, 1)
+    wr = w + gw
+    line = n * wr  # one input row of every image
+    # (C, rows, images, columns), flat: a shift by (sa, sb) is the offset dh·sa·line + dw·sb; the zero
+    # columns after each image row and the zero rows at the end catch every product that leaves the image.
+    buf = core.new_empty(c, gw + (h + gh) * line + gw)
+    body = buf[:, gw:gw + (h + gh) * line].view(c, h + gh, n, wr)
+    body[:, :h, :, :w] = core.permute(1, 2, 0, 3)
+    body[:, :h, :, w:] = 0
+    body[:, h:] = 0
+    buf[:, :gw] = 0
+    buf[:, gw + (h + gh) * line:] = 0
 
-    def at(sa: int, sb: int) -> Tensor:  # the buffer shifted by (dh·sa, dw·sb), as images (C, n, hr, wr)
-        start = gw + dh * sa * wr + dw * sb
-        return buf[:, start:start + p].view(c, n, hr, wr)
-
-    def grouped(t: Tensor) -> Tensor:
-        return t.reshape(groups, cg, -1)
+    def at(row: int, sa: int, sb: int, rows: int = h) -> Tensor:  # ``rows`` input rows from ``row``, shifted
+        start = gw + (row + dh * sa) * line + dw * sb
+        return buf[:, start:start + rows * line].reshape(groups, cg, -1)
 
     # F(sa, sb) for the half plane sa > 0 or (sa = 0, sb ≥ 0); the rest are transposes.
     table = core.new_empty(groups, cg, cg, 2 * kh - 1, 2 * kw - 1)  # [..., kh−1+sa, kw−1+sb]
-    base = at(0, 0)
-    first = grouped(base)
+    first = at(0, 0, 0)
     for sa in range(kh):
         for sb in range(0 if sa == 0 else 1 - kw, kw):
-            f = first @ grouped(at(sa, sb)).mT
+            f = first @ at(0, sa, sb).mT
             table[..., kh - 1 + sa, kw - 1 + sb] = f
             if sa or sb:
                 table[..., kh - 1 - sa, kw - 1 - sb] = f.mT
-    ib = torch.arange(kw, device=core.device)
-    sb_of = ib[None] - ib[:, None] + kw - 1  # [b, b']
     gram = core.new_empty(groups, cg, kh, kw, cg, kh, kw)  # block (c,a,b), (c',a',b') = F(a'−a, b'−b)
     for a in range(kh):
         for a2 in range(kh):
             for b in range(kw):
                 gram[:, :, a, b, :, a2, :] = table[..., kh - 1 + a2 - a, kw - 1 - b:2 * kw - 1 - b]
-
-    def strip(one: Tensor, partners: list[Tensor]) -> Tensor:
-        """Σ one·partnerᵀ over positions, for each partner: (G, cg, cg, len(partners))."""
-        b = torch.stack([grouped(q) for q in partners], 1)  # (G, S, cg, L)
-        return (grouped(one)[:, None] @ b.mT).permute(0, 2, 3, 1)
-
-    def rows(t: Tensor, sl: list[slice]) -> Tensor:
-        return torch.cat([t[:, :, s] for s in sl], 2)
+    ib = torch.arange(kw, device=core.device)
+    sb_of = ib[None] - ib[:, None] + kw - 1  # [b, b']
 
     # Border rows: kernel row a's window leaves out rows E of the input, for row shift sa, every sb.
     row_out = {}
@@ -84,32 +75,33 @@ def shift_gram(core: Tensor, groups: int, kernel: tuple[int, int], dilation: tup
             e = _outside(h, dh * a - top, dh * a - top + ho, dh * sa)
             if e:
                 row_out[a, sa] = e
-                r = strip(rows(base, e), [rows(at(sa, sb), e) for sb in range(1 - kw, kw)])[..., sb_of]
+                r = torch.stack([sum(at(s.start, 0, 0, s.stop - s.start) @ at(s.start, sa, sb, s.stop - s.start).mT
+                                     for s in e) for sb in range(1 - kw, kw)], -1)[..., sb_of]
                 gram[:, :, a, :, :, a + sa, :] -= r.permute(0, 1, 3, 2, 4)
                 if sa:
                     gram[:, :, a + sa, :, :, a, :] -= r.permute(0, 2, 4, 1, 3)
     # Border columns: kernel column b's window leaves out columns E, for column shift sb, every sa ≥ 0;
     # where a border row meets a border column the product was taken twice: add it back. The few columns
-    # involved are gathered once, each with the zero rows after every image, so a row shift is an offset.
-    col_out = {(b, sb): [j for s in _outside(w, dw * b - left, dw * b - left + wo, dw * sb) for j in range(s.start, s.stop)]
+    # involved are gathered once, (rows, images) flat, so that a row shift is an offset.
+    col_out = {(b, sb): [j for s in _outside(w, dw * b - left, dw * b - left + wo, dw * sb)
+                         for j in range(s.start, s.stop)]
                for b in range(kw) for sb in range(-b, kw - b)}
     col_out = {k: e for k, e in col_out.items() if e}
-    needed = sorted({j + dw * sb * k for (b, sb), e in col_out.items() for j in e for k in (0, 1)})
-    if needed:
+    if col_out:
+        needed = sorted({j + dw * sb * k for (b, sb), e in col_out.items() for j in e for k in (0, 1)})
         slot = {j: i for i, j in enumerate(needed)}
-        picked = core.new_zeros(len(needed), c, n * hr + gh)
-        picked[:, :, :n * hr] = base[..., needed].permute(3, 0, 1, 2).reshape(len(needed), c, n * hr)
+        picked = body[..., needed].permute(3, 0, 1, 2).reshape(len(needed), groups, cg, (h + gh) * n)
 
-        def column(j: int, sa: int) -> Tensor:  # column j, shifted by dh·sa rows: (C, n, hr)
-            return picked[slot[j], :, dh * sa:dh * sa + n * hr].view(c, n, hr)
+        def column(j: int, sa: int, rows: slice = slice(0, h)) -> Tensor:  # (G, cg, rows·n)
+            return picked[slot[j], :, :, (rows.start + dh * sa) * n:(rows.stop + dh * sa) * n]
+
     for (b, sb), e in col_out.items():
-        col = sum(strip(column(j, 0), [column(j + dw * sb, sa) for sa in range(kh)]) for j in e)
+        col = [sum(column(j, 0) @ column(j + dw * sb, sa).mT for j in e) for sa in range(kh)]
         for a in range(kh):
             for sa in range(kh - a):
-                fix = col[..., sa]
+                fix = col[sa]
                 for r in row_out.get((a, sa), ()):
-                    fix = fix - sum(strip(column(j, 0)[:, :, r], [column(j + dw * sb, sa)[:, :, r]])[..., 0]
-                                    for j in e)
+                    fix = fix - sum(column(j, 0, r) @ column(j + dw * sb, sa, r).mT for j in e)
                 gram[:, :, a, b, :, a + sa, b + sb] -= fix
                 if sa:
                     gram[:, :, a + sa, b + sb, :, a, b] -= fix.mT

@@ -337,9 +337,9 @@ class ConvAdapter(FeedForwardAdapter):
 
 # Below this many output rows (or columns) the border corrections outweigh the saving: im2col Gram.
 # Measured on this project's CPU, 1 thread (100 images, 3×3, C_in channels, "same" zero padding): the shift
-# Gram is 7.0× faster than im2col at 32×32×32, 5.1× at 16×16×64, 3.2× at 8×8×128; at 4×4 0.85× for 32
-# channels, 1.3× for 64 and 1.7× for 128.
-_SHIFT_GRAM_MIN = 8
+# Gram is 6.6× faster than im2col at 32×32×32, 5.6× at 16×16×64, 4.1× at 8×8×128; at 4×4 0.95× for 32
+# channels, 1.6× for 64 and 2.0× for 128.
+_SHIFT_GRAM_MIN = 4
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 _CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
