@@ -29,15 +29,16 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, SolveError, TargetSpaceError
 from .layers import Adapter, FeedForwardAdapter
-from .solver import Solves
+from .solver import Solves, plain_autograd
 
-__all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "frozen_running_stats", "REALISER_ATTR"]
+__all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "frozen_running_stats", "REALISER_ATTR", "lean_max_pool"]
 
 REALISER_ATTR = "_target_space_realiser"
 IDLE, FORWARD, REFERENCE, FROZEN = "idle", "forward", "reference", "frozen"
@@ -98,6 +99,52 @@ class ReferenceCall(nn.Module):
         return self.realiser.reference_call(self.index, args)
 
 
+_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_UNPOOL = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}
+
+
+class _LeanMaxPool(torch.autograd.Function):
+    """Max pooling with non-overlapping windows that keeps only its argmax for backward, not its input:
+    each input position is in at most one window, so the backward is exactly ``max_unpool``."""
+
+    @staticmethod
+    def forward(ctx, x, nd, kernel, stride, padding, ceil_mode):
+        out, index = _POOL[nd](x, kernel, stride, padding, 1, ceil_mode, return_indices=True)
+        ctx.save_for_backward(index)
+        ctx.args = nd, kernel, stride, padding, x.shape[-nd:]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        nd, kernel, stride, padding, size = ctx.args
+        return _UNPOOL[nd](grad, ctx.saved_tensors[0], kernel, stride, padding, size), None, None, None, None, None
+
+
+def lean_max_pool(x, nd, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """``F.max_pool{nd}d`` in the reference pass: by :class:`_LeanMaxPool` when the windows do not overlap
+    (stride = kernel, no dilation), which saves the memory of the pooled input until backward."""
+    def tup(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+    kernel, step = tup(kernel_size), tup(kernel_size if stride is None or stride == [] else stride)
+    if return_indices or kernel != step or set(tup(dilation)) != {1} or not x.requires_grad or plain_autograd():
+        return _POOL[nd](x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    return _LeanMaxPool.apply(x, nd, kernel, step, tup(padding), ceil_mode)
+
+
+def _lean_pool_call(node, gm) -> None:
+    """Route a max-pooling node of the reference graph through :func:`lean_max_pool`."""
+    nd = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}.get(node.target) if node.op == "call_function" else None
+    if nd is not None:
+        node.target, node.args = lean_max_pool, (node.args[0], nd, *node.args[1:])
+    elif node.op == "call_module" and not node.kwargs and len(node.args) == 1:
+        m = gm.get_submodule(node.target)
+        nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}.get(type(m))
+        if nd is not None and not m._forward_hooks and not m._forward_pre_hooks:
+            node.op, node.target = "call_function", lean_max_pool
+            node.args = (node.args[0], nd, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                         m.return_indices)
+
+
 class Realiser:
     """Holds the converted layers of one root module and realises their weights from their targets."""
 
@@ -131,10 +178,12 @@ class Realiser:
         return state
 
     def _reference_graph(self, gm: nn.Module) -> nn.Module:
-        """Route the graph's calls of converted Linear/Conv layers through :class:`ReferenceCall`."""
+        """Route the graph's calls of converted Linear/Conv layers through :class:`ReferenceCall`, and its
+        max pooling through :func:`lean_max_pool`."""
         index = {id(layer.module): i for i, layer in enumerate(self.layers)
                  if isinstance(layer.adapter, FeedForwardAdapter)}
         for node in gm.graph.nodes:
+            _lean_pool_call(node, gm)
             if node.op == "call_module" and not node.kwargs:
                 i = index.get(id(gm.get_submodule(node.target)))
                 if i is not None:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import target_param as tp
 from target_param import solver
 from target_param.convert import realisers
-from target_param.realise import ReferenceCall
+from target_param.realise import ReferenceCall, lean_max_pool
 
 from conftest import ShortcutMLP, SmallCNN
 
@@ -237,3 +237,55 @@ def test_max_positions_checkpoint_keeps_the_columns_and_options_are_checked():
         tp.to_target_space(make(), ref, max_positions=10, cascade="optimistic")
     tp.to_weight_space(a)
     assert [k for k in a.state_dict() if "positions" in k] == []
+
+
+class PoolCNN(nn.Module):
+    """Functional and module max pooling, non-overlapping (lean in the reference pass) and overlapping."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        self.c3 = nn.Conv1d(5, 6, 3, padding=1)
+        self.pool, self.over = nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool1d(3, 2, 1)
+        self.fc = nn.Linear(6 * 13, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.leaky_relu(self.c1(x), 0.2), 2)
+        x = self.pool(F.leaky_relu(self.c2(x), 0.2))  # 9×9 → 5×5 (ceil)
+        x = self.over(F.leaky_relu(self.c3(x.flatten(2)), 0.2))  # 25 → 13, overlapping windows
+        return self.fc(x.flatten(1))
+
+
+def test_reference_pass_max_pooling_is_lean_and_exact():
+    """Non-overlapping max pooling in the reference graph keeps only its argmax; gradients and weights
+    equal the hook path (the model's own pooling) in float64."""
+    torch.manual_seed(2)
+    ref, x = torch.randn(6, 3, 18, 18, dtype=torch.float64), torch.randn(5, 3, 18, 18, dtype=torch.float64)
+    a, b = _pair(PoolCNN, ref, lam=1e-2)
+    code = realisers(a)[0].graph_module.code
+    assert code.count("lean_max_pool") == 3 and "max_pool2d(" not in code.replace("lean_max_pool", "")
+    for ga, gb in zip(_step_grads(a, x), _step_grads(b, x)):
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("nd,kw,lean", [
+    (1, dict(kernel_size=2), True),
+    (2, dict(kernel_size=2, ceil_mode=True), True),
+    (2, dict(kernel_size=(2, 3), padding=1), True),
+    (3, dict(kernel_size=2), True),
+    (2, dict(kernel_size=3, stride=2, padding=1), False),
+    (2, dict(kernel_size=2, dilation=2), False),
+])
+def test_lean_max_pool_saves_no_input_and_has_max_pool_gradients(nd, kw, lean):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *(7,) * nd, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = lean_max_pool(x, nd, **kw)
+    assert any(t.shape == x.shape and t.dtype == x.dtype for t in saved) != lean
+    plain = getattr(F, f"max_pool{nd}d")(x, **kw)
+    assert torch.equal(out, plain)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(plain, x, g)[0], rtol=0,
+                               atol=0)
+    assert torch.autograd.gradcheck(lambda t: lean_max_pool(t, nd, **kw), (x,))
