@@ -9,9 +9,11 @@ training forward (Algorithm 1) and this pass gives exactly Algorithm 3.
 
 The reference pass runs the planner's torch.fx graph when the model traced: each converted Linear/Conv
 call there is replaced by :class:`ReferenceCall`, which solves the layer and returns ``S_j`` from the same
-solve (no second product, and one backward for both uses of ``W``). Layers the graph cannot reach (inside
-a leaf module, recurrent, or carrying user hooks) and untraceable models are solved by the layer's forward
-pre-hook instead; its forward hook then passes the solve's ``S_j`` on.
+solve (no second product, and one backward for both uses of ``W``); its max pooling with
+non-overlapping windows keeps only the argmax for backward, not its input (:func:`lean_max_pool`).
+Layers the graph cannot reach (inside a leaf module, recurrent, or carrying user hooks) and untraceable
+models are solved by the layer's forward pre-hook instead; its forward hook then passes the solve's ``S_j``
+on.
 
 Cholesky failures and non-finite weights are checked once per realisation (one synchronisation); only a
 failure repeats the pass carefully, layer by layer (``solver.Solves``).

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import target_param as tp
-from conftest import DEVICES, ShortcutMLP, SmallCNN, assert_same_state, model_state
+from conftest import DEVICES, ShortcutMLP, SmallCNN
 
 
 def converted_mlp(lam=1e-3, **kw):

@@ -42,7 +42,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, event, example, given, note, seed, settings
+from hypothesis import HealthCheck, Phase, event, given, note, seed, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from torch import nn

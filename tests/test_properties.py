@@ -602,7 +602,9 @@ def test_eq11_chain_rule_torch_func(spec, seed, lam, extra):
 
     w, vjp_fn = vjp(f, tau)
     for a, b in zip(w, w_fixed):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        # Two solve algorithms (cholesky_solve under torch.func, K⁻¹ products otherwise) agree to rounding
+        # times the Gram's condition number: 1.8e-12 was seen at λ = 3.8e-4, so 1e-12 is below rounding.
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     (g_tau,) = vjp_fn(tuple(dLdw))
     for n in tau:
         gv = g_tau[n]

@@ -11,7 +11,6 @@ For each model:
 3. A state_dict loads into a freshly converted copy and gives identical outputs.
 4. ``to_weight_space`` restores the classes and the state_dict keys.
 """
-import copy
 
 import pytest
 import torch
