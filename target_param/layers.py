@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .errors import ReferenceBatchError
 from .gram import shift_gram
 from .solver import (FactorCache, Solves, plain_autograd, regrad, ridge_autograd, ridge_solve, solve_dtype,
-                     solve_with, uses_dual)
+                     solve_with, uses_dual, with_ones)
 
 __all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate",
            "SUPPORTED", "CANDIDATES"]
@@ -82,7 +82,7 @@ class FeedForwardAdapter(Adapter):
         """``W[0:j] = T_j A[0:j)^‡`` (eq. 6) from the layer's input ``args[0]`` on the reference batch, and
         the sums ``S_j = W[0:j] A[0:j)`` it achieves, which the layer passes on (Algorithm 2)."""
         t = targets["weight"]
-        a = self.with_ones(self.patches(args[0]))
+        a = self.patches(args[0])
         y = self.rows(t)
         if y.shape[-2] != a.shape[-2]:
             raise ReferenceBatchError(
@@ -94,12 +94,13 @@ class FeedForwardAdapter(Adapter):
                 target_shape=tuple(t.shape),
                 input_shape=tuple(args[0].shape),
             )
-        wt, s = ridge_solve(a, y, solves, name, self.cache)
-        return self.tensors_of(wt, t.dtype), self.unrows(s, t).to(t.dtype)
+        wt, s = ridge_solve(a, y, solves, name, self.cache, ones=self.has_bias)
+        s = self.unrows(s, t)
+        return self.tensors_of(wt, t.dtype), (s if s.dtype == t.dtype else s.to(t.dtype))
 
     def with_ones(self, a: Tensor) -> Tensor:
         """The patches (G, N, d) with the row of ones of eq. 2a appended when the layer has a bias."""
-        return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if self.has_bias else a
+        return with_ones(a) if self.has_bias else a
 
     def tensors_of(self, wt: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         w, b = self.assemble(wt, dtype)
@@ -149,17 +150,18 @@ class LinearAdapter(FeedForwardAdapter):
         return self.in_features + self.has_bias
 
     def patches(self, x):
-        return x.reshape(1, -1, self.in_features)
+        """(N, d): one problem (no group index), without a reshape when the input is a matrix already."""
+        return x if x.dim() == 2 else x.reshape(-1, self.in_features)
 
     def rows(self, t):
-        return t.reshape(1, -1, self.out_features)
+        return t if t.dim() == 2 else t.reshape(-1, self.out_features)
 
     def unrows(self, s, like):
-        return s.reshape(like.shape)
+        return s if s.shape == like.shape else s.reshape(like.shape)
 
     def assemble(self, wt, dtype):
-        """Views of ``Wᵀ`` (1, d [+1], o): F.linear multiplies by ``weightᵀ``, which is then contiguous."""
-        w = wt[0].to(dtype)
+        """Views of ``Wᵀ`` (d [+1], o): F.linear multiplies by ``weightᵀ``, which is then contiguous."""
+        w = wt if wt.dtype == dtype else wt.to(dtype)
         return (w[:-1].mT, w[-1]) if self.has_bias else (w.mT, None)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .errors import IllConditionedWarning, SolveError
 
-__all__ = ["ridge_solve", "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd",
+__all__ = ["ridge_solve", "with_ones", "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd",
            "plain_autograd", "Solves", "FactorCache", "prefers_inverse"]
 
 
@@ -216,35 +216,39 @@ class _Ridge(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, solves, layer, cache, sums=True):
+    def forward(ctx, x, y, solves, layer, cache, sums=True, ones=False):
         ctx.set_materialize_grads(False)
+        ctx.ones, key = ones, x
+        if ones:  # the bias row of eq. 2a, outside the autograd graph
+            x = with_ones(x)
         xt = x.mT
         ctx.dual, ctx.lam, ctx.layer, ctx.sums = uses_dual(x.shape[-1], x.shape[-2]), solves.lam, layer, sums
         if ctx.dual:
             # no K⁻¹ here: S = Y − λM relies on the small residual of a Cholesky solve
-            factor, ctx.shift, ctx.inverse = solves.factor(lambda: x @ xt, layer, x, cache, 0)
+            factor, ctx.shift, ctx.inverse = solves.factor(lambda: x @ xt, layer, key, cache, 0)
             m = solve_with(y, factor, ctx.inverse)
             w = xt @ m
             s = y - ctx.shift * m
-            ctx.save_for_backward(x, y, w, factor, m)
+            ctx.save_for_backward(key, y, w, factor, m)
         else:
-            factor, ctx.shift, ctx.inverse = solves.factor(lambda: xt @ x, layer, x, cache, y.shape[-1])
+            factor, ctx.shift, ctx.inverse = solves.factor(lambda: xt @ x, layer, key, cache, y.shape[-1])
             w = solve_with(xt @ y, factor, ctx.inverse)
             s = x @ w if sums else w.new_empty(0)
-            ctx.save_for_backward(x, y, w, factor, s)
+            ctx.save_for_backward(key, y, w, factor, s)
         return w, s
 
     @staticmethod
     def backward(ctx, gw, gs):
-        x, y, w, factor, extra = ctx.saved_tensors
+        x0, y, w, factor, extra = ctx.saved_tensors
+        x = with_ones(x0) if ctx.ones else x0
         need_x, need_y = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain formula instead
-            inputs = [t for t, need in ((x, need_x), (y, need_y)) if need]
+            inputs = [t for t, need in ((x0, need_x), (y, need_y)) if need]
             w2 = ridge_autograd(x, y, ctx.lam, ctx.layer)
             grads = iter(regrad((w2, x @ w2), (gw, gs), inputs))
-            return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None, None, None
+            return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None, None, None, None
         if gw is None and gs is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         gx = gy = None
         if ctx.dual:
             m = extra
@@ -253,43 +257,60 @@ class _Ridge(torch.autograd.Function):
                 r = -ctx.shift * gs if r is None else r - ctx.shift * gs
             v = solve_with(r, factor, ctx.inverse)
             gy = v if gs is None else v + gs
-            if need_x:
-                gx = -(m @ (v.mT @ x)) if gw is None else m @ (gw.mT - v.mT @ x)
-                gx = gx - v @ w.mT
+            if need_x:  # only the columns of x0 (the ones column needs no gradient)
+                wx = w[..., :-1, :] if ctx.ones else w
+                gx = -(m @ (v.mT @ x0)) if gw is None else m @ ((gw[..., :-1, :] if ctx.ones else gw).mT - v.mT @ x0)
+                gx = gx - v @ wx.mT
         else:
             s = extra if ctx.sums else x @ w
             if gs is None:
                 g = gw
             else:
-                g = x.mT @ gs if gw is None else torch.baddbmm(gw, x.mT, gs)  # Ŵ + XᵀŜ
+                g = x.mT @ gs if gw is None else _addmm(gw, x.mT, gs)  # Ŵ + XᵀŜ
             z = solve_with(g, factor, ctx.inverse)
             gy = x @ z
             if need_x:
-                gx = torch.baddbmm(((gs - gy) if gs is not None else -gy) @ w.mT, y - s, z.mT)
-        return gx, (gy if need_y else None), None, None, None, None
+                wx, zx = (w[..., :-1, :], z[..., :-1, :]) if ctx.ones else (w, z)
+                gx = _addmm(((gs - gy) if gs is not None else -gy) @ wx.mT, y - s, zx.mT)
+        return gx, (gy if need_y else None), None, None, None, None, None
 
 
 def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
-                cache: FactorCache | None = None, sums: bool = True) -> tuple[Tensor, Tensor]:
+                cache: FactorCache | None = None, sums: bool = True, ones: bool = False) -> tuple[Tensor, Tensor]:
     """``argmin_W ||x W − y||² + λ||W||²`` for each leading (group) index, and ``S = x W``.
 
     Args:
-        x: (G, N, d), the layer's input patterns as rows (with a ones column for the bias), ``Aᵀ``.
-        y: (G, N, o), the targets as rows, ``Tᵀ``.
+        x: ([G,] N, d), the layer's input patterns as rows, ``Aᵀ``.
+        y: ([G,] N, o), the targets as rows, ``Tᵀ``.
         solves: a :class:`Solves`, or λ ≥ 0 for a careful one-off solve.
         layer: the layer's name, for error messages.
         cache: the layer's :class:`FactorCache`, if its input may repeat.
         sums: whether to compute ``S`` (else an empty tensor is returned in its place).
+        ones: append the column of ones of eq. 2a (the bias) to x; W then has d + 1 rows, the last the bias.
 
     Returns:
-        ``Wᵀ`` (G, d, o) and ``S`` (G, N, o) in the dtype ``solve_dtype(x.dtype)``; differentiable in x and y
-        (Algorithm 3, by :class:`_Ridge`).
+        ``Wᵀ`` ([G,] d [+1], o) and ``S`` ([G,] N, o) in the dtype ``solve_dtype(x.dtype)``; differentiable in
+        x and y (Algorithm 3, by :class:`_Ridge`).
     """
     if not isinstance(solves, Solves):
         solves = Solves(solves, careful=True)
     dtype = solve_dtype(x.dtype)
-    x, y = x.to(dtype), y.to(dtype)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if y.dtype != dtype:
+        y = y.to(dtype)
     if plain_autograd():
+        x = with_ones(x) if ones else x
         w = ridge_autograd(x, y, solves.lam, layer)
         return w, x @ w if sums else w.new_empty(0)
-    return _Ridge.apply(x, y, solves, layer, cache, sums)
+    return _Ridge.apply(x, y, solves, layer, cache, sums, ones)
+
+
+def with_ones(x: Tensor) -> Tensor:
+    """The patterns (..., N, d) with the column of ones of eq. 2a appended (the bias row of A)."""
+    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1)
+
+
+def _addmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``c + a @ b`` in one call, batched or not."""
+    return torch.baddbmm(c, a, b) if a.dim() == 3 else torch.addmm(c, a, b)
