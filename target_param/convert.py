@@ -210,11 +210,14 @@ def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions:
 
 
 def _remove_hooks(module: nn.Module, owner) -> None:
-    for hooks in (module._forward_pre_hooks, module._forward_hooks, module._forward_hooks_always_called):
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for k in [k for k, h in hooks.items() if getattr(h, "__self__", None) is owner]:
             del hooks[k]
-    for k in [k for k in module._forward_hooks_always_called if k not in module._forward_hooks]:
-        del module._forward_hooks_always_called[k]
+    for flags, hooks in ((module._forward_hooks_always_called, module._forward_hooks),
+                         (module._forward_hooks_with_kwargs, module._forward_hooks),
+                         (module._forward_pre_hooks_with_kwargs, module._forward_pre_hooks)):
+        for k in [k for k in flags if k not in hooks]:
+            del flags[k]
 
 
 # ------------------------------------------------------------------------------------------ verbs
@@ -360,8 +363,9 @@ def to_target_space(
                 for n, s in sums.items()}
             _register(realiser, k, targets, positions)
         model.__dict__[REALISER_ATTR] = realiser
-        model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True)  # before a layer's own hook
-        model.register_forward_hook(realiser.root_post_hook, always_call=True)
+        # before a layer's own hook; with kwargs, so that a call with keyword arguments is seen as such
+        model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True, with_kwargs=True)
+        model.register_forward_hook(realiser.root_post_hook, always_call=True, with_kwargs=True)
         if init == "random":
             realiser.project()
         with torch.no_grad():

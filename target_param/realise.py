@@ -22,7 +22,11 @@ When realisation happens:
   * every grad-enabled forward of the converted root realises once (gradient accumulation works);
   * otherwise the realised weights are reused until a parameter or buffer of the root changes (tensor
     versions catch ``opt.step()`` and in-place edits) or a module changes train/eval mode;
-  * reading ``layer.weight`` / ``layer.bias`` outside a forward realises first if anything is stale.
+  * reading ``layer.weight`` / ``layer.bias`` outside a forward realises first if anything is stale;
+  * a grad-enabled forward on exactly the reference batch (full-batch training, X = X̄), under SCU, with
+    nothing random in the graph, returns the reference pass's own output: Algorithms 1 and 2 then share
+    one forward pass (the model's forward still runs, without a graph, for its side effects such as
+    BatchNorm's running statistics) — see ``Realiser.is_reference_call``.
 """
 from __future__ import annotations
 
@@ -147,6 +151,28 @@ def _lean_pool_call(node, gm) -> None:
                          m.return_indices)
 
 
+_RANDOM = ("dropout", "rand", "bernoulli", "normal", "rrelu", "multinomial", "uniform", "exponential", "poisson",
+           "cauchy", "geometric")
+
+
+def _random_modules(gm) -> list | None:
+    """The dropout-like modules of the reference graph (random in train mode), or None when the graph may
+    draw random numbers otherwise (a random function, or a module that is not torch.nn's own)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = getattr(node.target, "__name__", str(node.target)).lower()
+            if any(r in name for r in _RANDOM):
+                return None
+        elif node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)):
+                found.append(m)
+            elif not isinstance(m, ReferenceCall) and not type(m).__module__.startswith("torch.nn.modules"):
+                return None
+    return found
+
+
 class Realiser:
     """Holds the converted layers of one root module and realises their weights from their targets."""
 
@@ -158,6 +184,7 @@ class Realiser:
         self.cascade = cascade
         self.reference = reference  # [(buffer name, None) | (None, constant)] per positional input
         self.graph_module = graph_module and self._reference_graph(graph_module)
+        self.random = _random_modules(self.graph_module) if self.graph_module is not None else None
         self.careful = False  # set for good after a deferred check failed (see solver.Solves)
         self.solves: Solves | None = None
         self.outputs: list | None = None
@@ -171,12 +198,15 @@ class Realiser:
         self.realisations = 0
         self.phase = IDLE
         self.depth = 0
+        self.merged = None  # the reference pass's output, returned by a forward on the reference batch
+        self.merges = 0
+        self.grad_mode = None
 
     def __getstate__(self):
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
         state = dict(self.__dict__)
         state.update(cache=None, cache_has_graph=False, pending=None, capture=None, key=None, phase=IDLE, depth=0,
-                     solves=None, outputs=None)
+                     solves=None, outputs=None, merged=None, grad_mode=None)
         return state
 
     def _reference_graph(self, gm: nn.Module) -> nn.Module:
@@ -222,9 +252,10 @@ class Realiser:
             self.realise()
 
     # ---------------------------------------------------------------- Algorithm 2
-    def realise(self) -> None:
-        """Run the reference pass once and replace every layer's realised weights (transactionally)."""
-        prev, self.phase = self.phase, REFERENCE
+    def realise(self, keep_output: bool = False) -> None:
+        """Run the reference pass once and replace every layer's realised weights (transactionally);
+        ``keep_output``: keep the pass's output in ``self.merged`` (see :meth:`root_pre_hook`)."""
+        prev, self.phase, self.merged = self.phase, REFERENCE, None
         n = len(self.layers)
         self.pending, self.outputs, self.calls, self.order = [None] * n, [None] * n, [0] * n, []
         self.solves = Solves(self.lam, self.careful)
@@ -232,7 +263,7 @@ class Realiser:
             try:
                 modules = list(self.root.modules())  # one walk of the tree per realisation
                 with frozen_running_stats(self.root, modules):
-                    (self.graph_module or self.root)(*self.reference_inputs())
+                    out = (self.graph_module or self.root)(*self.reference_inputs())
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
             except TargetSpaceError:
@@ -240,7 +271,7 @@ class Realiser:
             except Exception as e:
                 if self._retry_carefully():
                     self.phase = prev
-                    return self.realise()
+                    return self.realise(keep_output)
                 raise ReferenceBatchError(
                     "The model's forward raised on the reference batch during realisation; the realised "
                     "weights and the targets are unchanged.",
@@ -259,7 +290,7 @@ class Realiser:
                     )
             if self._check(self.pending):
                 self.phase = prev
-                return self.realise()
+                return self.realise(keep_output)
             self.cache, self.cache_has_graph = self.pending, False
             graph = [t for tensors in self.cache for t in tensors.values() if t.requires_grad]
             if graph:
@@ -271,6 +302,7 @@ class Realiser:
             self.phase, self.pending, self.outputs, self.solves = prev, None, None, None
         self.key = self.state_key(modules)
         self.realisations += 1
+        self.merged = out if keep_output else None
 
     def _retry_carefully(self) -> bool:
         """Whether a deferred factorisation failed: then every later pass is careful (see Solves)."""
@@ -371,23 +403,54 @@ class Realiser:
         passed = self._passed_on(i, args, output if solved is None else solved)
         return None if passed is output else passed
 
-    def root_pre_hook(self, module: nn.Module, args) -> None:
+    def root_pre_hook(self, module: nn.Module, args, kwargs):
         if self.phase == FORWARD:
             self.depth += 1
         if self.phase != IDLE:
-            return
+            return None
         if self.needs_graph():
-            self.realise()
+            self.realise(keep_output=self.is_reference_call(args, kwargs))
         else:
             self.ensure_fresh()
         self.phase, self.depth = FORWARD, 0
+        if self.merged is not None:
+            # The forward's output on the reference batch is the reference pass's (Algorithms 1 and 2 share
+            # their forward pass when X = X̄): return that, and run the model's own forward without a graph.
+            self.grad_mode = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)
+        return None
 
-    def root_post_hook(self, module: nn.Module, args, output) -> None:
-        if self.phase == FORWARD:
-            if self.depth:
-                self.depth -= 1
-            else:
-                self.phase = IDLE
+    def root_post_hook(self, module: nn.Module, args, kwargs, output):
+        if self.phase != FORWARD:
+            return None
+        if self.depth:
+            self.depth -= 1
+            return None
+        self.phase = IDLE
+        if self.grad_mode is None:
+            return None
+        torch.set_grad_enabled(self.grad_mode)
+        merged, self.merged, self.grad_mode = self.merged, None, None
+        self.merges += 1
+        return merged
+
+    def is_reference_call(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the root is called on exactly its reference batch, with SCU, on the fx graph, and
+        nothing random runs: the training forward (Algorithm 1) then equals the reference pass (Algorithm 2)
+        and the pass's output serves as the forward's, with the same gradient (section 2.3, X = X̄)."""
+        if kwargs or self.cascade != "sequential" or self.graph_module is None or self.random is None \
+                or len(args) != len(self.reference):
+            return False
+        for arg, (name, value) in zip(args, self.reference):
+            if name is None:
+                if arg is not value:
+                    return False
+                continue
+            ref = getattr(self.root, name)
+            if not isinstance(arg, Tensor) or arg.shape != ref.shape or arg.dtype != ref.dtype \
+                    or arg.device != ref.device or not (arg is ref or torch.equal(arg, ref)):
+                return False
+        return not any(m.training and getattr(m, "p", 1.0) > 0 for m in self.random)
 
     def tensor(self, i: int, which: str) -> Tensor:
         """The realised tensor ``which`` (e.g. "weight") of layer i, as the parametrization returns it."""

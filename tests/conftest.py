@@ -57,7 +57,9 @@ def model_state(model: nn.Module):
         "params": [(n, id(p), p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
         "buffers": [(n, b.detach().clone()) for n, b in model.named_buffers()],
         "state_keys": list(model.state_dict().keys()),
-        "hooks": [(n, len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()],
+        "hooks": [(n, len(m._forward_pre_hooks), len(m._forward_hooks), len(m._forward_hooks_always_called),
+                   len(m._forward_pre_hooks_with_kwargs), len(m._forward_hooks_with_kwargs))
+                  for n, m in model.named_modules()],
         "dicts": [(n, sorted(vars(m))) for n, m in model.named_modules()],
     }
 

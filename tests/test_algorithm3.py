@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import target_param as tp
+from target_param.convert import realisers
 
 DT = torch.float64
 
@@ -194,6 +195,10 @@ CASES = [
     ([2, 5, 5, 5, 2], True, 11, 23),  # n̄ < 18 = d_in + 1 of the last layer: under-rank (dual Gram)
     ([3, 6, 4, 3], False, 19, 8),  # plain chain
     ([4, 7, 7, 2], False, 5, 12),  # plain chain, under-rank n̄
+    # n = 0: full batch, the minibatch is the reference batch itself (X = X̄, section 5.1); under SCU the
+    # training forward is then the reference pass's (Realiser.is_reference_call), checked here too
+    ([2, 5, 5, 5, 2], True, 31, 0),
+    ([3, 6, 4, 3], False, 19, 0),
 ]
 
 
@@ -210,7 +215,11 @@ def case_id(c):
 def test_target_gradient_matches_algorithm3(case, lam, cascade, loss, perturb):
     sizes, shortcuts, nbar, n = case
     model, xbar, gen = build(sizes, shortcuts, nbar, lam, cascade, perturb, seed=zlib.crc32(f"{sizes}{nbar}{loss}{lam}".encode()))
-    if sizes[0] == 2:
+    full_batch = n == 0
+    if full_batch:
+        n, x = nbar, xbar
+        y = torch.randint(0, sizes[-1], (n,), generator=gen)
+    elif sizes[0] == 2:
         x, y = spiral_points(n, gen)
     else:
         x = torch.randn(n, sizes[0], generator=gen, dtype=DT)
@@ -229,8 +238,10 @@ def test_target_gradient_matches_algorithm3(case, lam, cascade, loss, perturb):
     expected, Ws = algorithm3(targets, xbar.T, x.T, sizes, shortcuts, lam, cascade, loss_cols)
 
     model.zero_grad()
+    merges = realisers(model)[0].merges
     out = model(x)
     loss_rows(out).backward()
+    assert realisers(model)[0].merges - merges == (full_batch and cascade == "sequential")
     for j, lin in enumerate(model.layers):
         got = lin.parametrizations.weight.original.grad
         assert got is not None, f"layer {j}: no gradient reached the target"

@@ -151,7 +151,8 @@ def test_to_weight_space_restores_plain_model():
     assert list(m.state_dict().keys()) == keys
     assert not tp.is_target_space(m)
     for mod in m.modules():
-        assert not mod._forward_pre_hooks and not mod._forward_hooks
+        assert not mod._forward_pre_hooks and not mod._forward_hooks and not mod._forward_hooks_always_called
+        assert not mod._forward_pre_hooks_with_kwargs and not mod._forward_hooks_with_kwargs
     assert all(isinstance(p, nn.Parameter) for p in (m.conv1.bias, m.fc.bias, m.conv2.weight))
     assert torch.equal(m.conv2.weight, w)
     with torch.no_grad():

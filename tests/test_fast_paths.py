@@ -289,3 +289,61 @@ def test_lean_max_pool_saves_no_input_and_has_max_pool_gradients(nd, kw, lean):
     torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(plain, x, g)[0], rtol=0,
                                atol=0)
     assert torch.autograd.gradcheck(lambda t: lean_max_pool(t, nd, **kw), (x,))
+
+
+class BNNet(nn.Module):
+    def __init__(self, drop=None, functional_dropout=False):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+        self.drop = nn.Dropout(drop) if drop is not None else nn.Identity()
+        self.functional_dropout = functional_dropout
+
+    def forward(self, x, scale=1.0):
+        h = self.drop(torch.tanh(self.bn(self.fc1(x))))
+        if self.functional_dropout:
+            h = F.dropout(h, 0.5, self.training)
+        return self.fc2(h) * scale
+
+
+def test_forward_on_the_reference_batch_reuses_the_reference_pass():
+    """X = X̄ under SCU: the forward returns the reference pass's output (one forward with a graph, one
+    backward). Its value, the gradients and BatchNorm's running statistics equal the two-pass computation."""
+    torch.manual_seed(3)
+    ref = torch.randn(20, 3, dtype=torch.float64)
+    a = BNNet().double()
+    tp.to_target_space(a, ref, init="random")
+    b = copy.deepcopy(a)
+    realisers(b)[0].is_reference_call = lambda args, kwargs: False  # the two-pass computation
+    results = []
+    for m in (a, b):
+        m.zero_grad()
+        out = m(ref.clone())  # equal values suffice
+        assert torch.is_grad_enabled()
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad for p in m.parameters()], [t.clone() for t in m.bn.buffers()]))
+    assert realisers(a)[0].merges == 1 and realisers(b)[0].merges == 0
+    (oa, ga, ba), (ob, gb, bb) = results
+    torch.testing.assert_close(oa, ob, rtol=1e-10, atol=1e-12)
+    for u, v in zip(ga + ba, gb + bb):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", ["other input", "keyword", "optimistic", "dropout", "functional dropout",
+                                  "no graph", "no grad"])
+def test_reference_pass_is_not_reused_when_the_forward_differs(case):
+    torch.manual_seed(4)
+    ref = torch.randn(20, 3, dtype=torch.float64)
+    model = BNNet(drop=0.5 if case == "dropout" else None, functional_dropout=case == "functional dropout").double()
+    tp.to_target_space(model, ref, init="random", cascade="optimistic" if case == "optimistic" else "sequential",
+                       trace=case != "no graph")
+    r = realisers(model)[0]
+    x = ref + 1 if case == "other input" else ref
+    with torch.set_grad_enabled(case != "no grad"):
+        out = model(x, scale=2.0) if case == "keyword" else model(x)
+    assert r.merges == 0 and torch.is_grad_enabled()
+    if case == "keyword":  # the keyword reached the forward
+        assert torch.allclose(out, 2 * model.fc2(torch.tanh(model.bn(model.fc1(x)))))
+    if case == "dropout":  # in eval mode there is nothing random left: reused
+        model.eval()
+        model(ref)
+        assert r.merges == 1
