@@ -347,3 +347,26 @@ def test_reference_pass_is_not_reused_when_the_forward_differs(case):
         model.eval()
         model(ref)
         assert r.merges == 1
+
+
+def test_reused_reference_pass_restores_grad_mode_when_the_forward_raises():
+    class Raising(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.boom = nn.Linear(3, 2), False
+
+        def forward(self, x):
+            if self.boom and not torch.is_grad_enabled():  # raises in the graph-free forward only
+                raise RuntimeError("boom")
+            return self.fc(x)
+
+    ref = torch.randn(10, 3)
+    model = tp.to_target_space(Raising(), ref)
+    model.boom = True
+    with pytest.raises(RuntimeError, match="boom"):
+        model(ref)
+    assert torch.is_grad_enabled() and realisers(model)[0].phase == "idle"
+    model.boom = False
+    before = realisers(model)[0].merges
+    model(ref).sum().backward()
+    assert model.fc.parametrizations.weight.original.grad is not None and realisers(model)[0].merges == before + 1
