@@ -103,7 +103,6 @@ class FactorCache:
     def __init__(self):
         self.input: Tensor | None = None
         self.entry: tuple | None = None
-        self.fixed: tuple | None = None
 
     def lookup(self, x: Tensor):
         if x.requires_grad or self.input is None or self.input.shape != x.shape or self.input.dtype != x.dtype \
@@ -113,22 +112,7 @@ class FactorCache:
 
     def store(self, x: Tensor, entry: tuple) -> None:
         if not x.requires_grad:
-            self.input, self.entry, self.fixed = x.detach().clone(), entry, None
-
-    def projections(self, x: Tensor, shift: float) -> tuple[Tensor, Tensor] | None:
-        """For the dual form with this fixed input X (with its ones column): ``P = Xᵀ(XXᵀ + λI)⁻¹`` and
-        ``Q = λ(XXᵀ + λI)⁻¹``, computed once in float64. Then ``W = P Y`` and ``S = Y − Q Y = X W`` are plain
-        products (eq. 23), and their backward is ``dL/dY = Pᵀ Ŵ + Ŝ − Q Ŝ``. None if float64 Cholesky fails."""
-        if self.fixed is None:
-            x64 = x.double()
-            k = x64 @ x64.mT
-            k.diagonal(dim1=-2, dim2=-1).add_(shift)
-            factor, info = torch.linalg.cholesky_ex(k)
-            if bool(info.any()):
-                return None
-            inverse = torch.cholesky_inverse(factor)
-            self.fixed = (x64.mT @ inverse).to(x.dtype), (shift * inverse).to(x.dtype)
-        return self.fixed
+            self.input, self.entry = x.detach().clone(), entry
 
     def __deepcopy__(self, memo):
         return FactorCache()  # a cache, not state
@@ -142,7 +126,7 @@ class Solves:
     """
 
     def __init__(self, lam: float, careful: bool = False):
-        self.lam, self.careful, self.infos, self.hit = float(lam), careful, [], False
+        self.lam, self.careful, self.infos = float(lam), careful, []
         # Only a grad-enabled pass can tell an input that is independent of every target (no grad) from
         # one that merely has no graph (under no_grad), so only such a pass fills a FactorCache.
         self.fills_cache = torch.is_grad_enabled()
@@ -152,7 +136,6 @@ class Solves:
         Cholesky factor, or ``K⁻¹`` itself where that is cheaper (``prefers_inverse``; ``cols = 0``: never);
         ``gram`` is only called when the cache misses."""
         hit = cache.lookup(x) if cache is not None and not self.careful else None
-        self.hit = hit is not None  # the input is the cached one: fixed
         if hit is not None:
             factor, shift, inverse, info = hit
             self.infos.append(info)
@@ -235,21 +218,14 @@ class _Ridge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, solves, layer, cache, sums=True, ones=False):
         ctx.set_materialize_grads(False)
-        ctx.ones, ctx.fixed, key = ones, False, x
+        ctx.ones, key = ones, x
         if ones:  # the bias row of eq. 2a, outside the autograd graph
             x = with_ones(x)
         xt = x.mT
         ctx.dual, ctx.lam, ctx.layer, ctx.sums = uses_dual(x.shape[-1], x.shape[-2]), solves.lam, layer, sums
         if ctx.dual:
-            factor, ctx.shift, ctx.inverse = solves.factor(lambda: x @ xt, layer, key, cache, 0)
-            fixed = cache.projections(x, ctx.shift) if solves.hit and isinstance(ctx.shift, float) else None
-            if fixed is not None:  # a fixed input (the reference batch): products only
-                p, q = fixed
-                ctx.fixed = True
-                w = p @ y
-                ctx.save_for_backward(key, y, w, p, q)
-                return w, y - q @ y
             # no K⁻¹ here: S = Y − λM relies on the small residual of a Cholesky solve
+            factor, ctx.shift, ctx.inverse = solves.factor(lambda: x @ xt, layer, key, cache, 0)
             m = solve_with(y, factor, ctx.inverse)
             w = xt @ m
             s = y - ctx.shift * m
@@ -274,12 +250,7 @@ class _Ridge(torch.autograd.Function):
         if gw is None and gs is None:
             return None, None, None, None, None, None, None
         gx = gy = None
-        if ctx.fixed:  # W = PY, S = Y − QY; the input needs no gradient
-            p, q = factor, extra
-            gy = p.mT @ gw if gw is not None else None
-            if gs is not None:
-                gy = gs - q @ gs if gy is None else gy + gs - q @ gs
-        elif ctx.dual:
+        if ctx.dual:
             m = extra
             r = x @ gw if gw is not None else None
             if gs is not None:

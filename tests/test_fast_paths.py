@@ -370,34 +370,3 @@ def test_reused_reference_pass_restores_grad_mode_when_the_forward_raises():
     before = realisers(model)[0].merges
     model(ref).sum().backward()
     assert model.fc.parametrizations.weight.original.grad is not None and realisers(model)[0].merges == before + 1
-
-
-def test_fixed_dual_first_layer_uses_products_and_equals_the_solve():
-    """A first layer in the dual form (d_in + 1 > n̄) with its fixed input: after the cache is filled,
-    W = PY and S = Y − QY (P, Q precomputed in float64) must equal the Cholesky solve: weights (eq. 6 from
-    scratch), the sums passed on (X·W) and dL/dT (against the same model with the cache disabled)."""
-    torch.manual_seed(6)
-    ref, x = torch.randn(10, 30, dtype=torch.float64), torch.randn(7, 30, dtype=torch.float64)
-    a = nn.Sequential(nn.Linear(30, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tp.RankDeficientWarning)
-        tp.to_target_space(a, ref, lam=1e-2, init="random")
-    b = copy.deepcopy(a)
-    realisers(b)[0].layers[0].adapter.cache = None
-    for m in (a, b):
-        for _ in range(2):  # the first grad-enabled pass fills the cache, the second uses it
-            m.zero_grad()
-            m(x).square().sum().backward()
-    assert realisers(a)[0].layers[0].adapter.cache.fixed is not None
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
-    one = torch.cat([ref, torch.ones(10, 1, dtype=ref.dtype)], 1)
-    t = a[0].parametrizations.weight.original
-    wt = one.T @ torch.linalg.solve(one @ one.T + 1e-2 * torch.eye(10, dtype=ref.dtype), t)  # eq. 23
-    torch.testing.assert_close(a[0].weight, wt[:-1].T, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(a[0].bias, wt[-1], rtol=1e-10, atol=1e-12)
-    w, bias = a[0].weight.detach().clone(), a[0].bias.detach().clone()
-    with torch.no_grad():
-        realisers(a)[0].project()  # T ← S, the S the first layer passes on
-    torch.testing.assert_close(a[0].parametrizations.weight.original, F.linear(ref, w, bias), rtol=1e-9,
-                               atol=1e-10)
