@@ -237,9 +237,9 @@ class ConvAdapter(FeedForwardAdapter):
         t = targets["weight"]
         dtype = solve_dtype(t.dtype)
         x = args[0].to(dtype)
-        a = self.with_ones(self.patches_at(x, self.positions(module)))
+        a = self.patches_at(x, self.positions(module))
         y = t.to(dtype).reshape(t.shape[0], self.groups, -1).transpose(0, 1)
-        wt, _ = ridge_solve(a, y, solves, name, self.cache, sums=False)
+        wt, _ = ridge_solve(a, y, solves, name, self.cache, sums=False, ones=self.has_bias)
         out = self.conv(x if self.native else self.pad_input(x), wt)
         return self.tensors_of(wt, t.dtype), out.to(t.dtype)
 

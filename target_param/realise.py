@@ -441,7 +441,9 @@ class Realiser:
         if kwargs or self.cascade != "sequential" or self.graph_module is None or self.random is None \
                 or len(args) != len(self.reference):
             return False
-        for arg, (name, value) in zip(args, self.reference):
+        if any(m.training and getattr(m, "p", 1.0) > 0 for m in self.random):
+            return False
+        for arg, (name, value) in zip(args, self.reference):  # the cheap checks first: no pass over the input
             if name is None:
                 if arg is not value:
                     return False
@@ -450,7 +452,7 @@ class Realiser:
             if not isinstance(arg, Tensor) or arg.shape != ref.shape or arg.dtype != ref.dtype \
                     or arg.device != ref.device or not (arg is ref or torch.equal(arg, ref)):
                 return False
-        return not any(m.training and getattr(m, "p", 1.0) > 0 for m in self.random)
+        return True
 
     def tensor(self, i: int, which: str) -> Tensor:
         """The realised tensor ``which`` (e.g. "weight") of layer i, as the parametrization returns it."""
