@@ -94,7 +94,7 @@ class FeedForwardAdapter(Adapter):
                 target_shape=tuple(t.shape),
                 input_shape=tuple(args[0].shape),
             )
-        wt, s = ridge_solve(a, y, solves, name, self.cache, ones=self.has_bias)
+        wt, s = ridge_solve(a, y, solves, name, self.cache, ones=self.has_bias, fixed=solves.is_fixed(args[0]))
         s = self.unrows(s, t)
         return self.tensors_of(wt, t.dtype), (s if s.dtype == t.dtype else s.to(t.dtype))
 

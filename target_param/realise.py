@@ -258,12 +258,13 @@ class Realiser:
         prev, self.phase, self.merged = self.phase, REFERENCE, None
         n = len(self.layers)
         self.pending, self.outputs, self.calls, self.order = [None] * n, [None] * n, [0] * n, []
-        self.solves = Solves(self.lam, self.careful)
+        inputs = self.reference_inputs()
+        self.solves = Solves(self.lam, self.careful, tuple(t for t in inputs if isinstance(t, Tensor)))
         try:
             try:
                 modules = list(self.root.modules())  # one walk of the tree per realisation
                 with frozen_running_stats(self.root, modules):
-                    out = (self.graph_module or self.root)(*self.reference_inputs())
+                    out = (self.graph_module or self.root)(*inputs)
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
             except TargetSpaceError:

@@ -125,8 +125,8 @@ class Solves:
     once. Careful: each factor is checked at once and repaired by :func:`factor_gram`.
     """
 
-    def __init__(self, lam: float, careful: bool = False):
-        self.lam, self.careful, self.infos = float(lam), careful, []
+    def __init__(self, lam: float, careful: bool = False, fixed: tuple = ()):
+        self.lam, self.careful, self.infos, self.fixed = float(lam), careful, [], fixed
         # Only a grad-enabled pass can tell an input that is independent of every target (no grad) from
         # one that merely has no graph (under no_grad), so only such a pass fills a FactorCache.
         self.fills_cache = torch.is_grad_enabled()
@@ -136,8 +136,8 @@ class Solves:
         Cholesky factor, or ``K⁻¹`` itself where that is cheaper (``prefers_inverse``; ``cols = 0``: never);
         ``gram`` is only called when the cache misses."""
         hit = cache.lookup(x) if cache is not None and not self.careful else None
-        if hit is not None:
-            factor, shift, inverse, info = hit
+        if hit is not None and hit[0] == "factor":
+            _, factor, shift, inverse, info = hit
             self.infos.append(info)
             return factor, shift, inverse
         if self.careful:
@@ -151,8 +151,33 @@ class Solves:
         if inverse:
             factor = torch.cholesky_inverse(factor)
         if cache is not None and self.fills_cache:
-            cache.store(x, (factor, shift, inverse, info))
+            cache.store(x, ("factor", factor, shift, inverse, info))
         return factor, shift, inverse
+
+    def is_fixed(self, x: Tensor) -> bool:
+        """Whether ``x`` is one of the fixed inputs (the reference batch itself; technique 3)."""
+        return not x.requires_grad and any(x is f for f in self.fixed)
+
+    def projections(self, x: Tensor, key: Tensor, cache: FactorCache | None) -> tuple[Tensor, Tensor] | None:
+        """For the dual form (eq. 23) of a layer whose input X (with its ones column) is fixed:
+        ``P = Xᵀ(XXᵀ + λI)⁻¹`` and ``Q = λ(XXᵀ + λI)⁻¹``, computed in float64 once per reference batch; then
+        ``W = PY`` and ``S = XW = Y − QY`` are products. The layer always takes this path, so its weights do not
+        depend on whether the cache is warm. None when the float64 factorisation fails (the layer is then
+        solved as any other)."""
+        hit = cache.lookup(key) if cache is not None else None
+        if hit is not None and hit[0] == "projections":
+            return hit[1]
+        x64 = x.double()
+        k = x64 @ x64.mT
+        k.diagonal(dim1=-2, dim2=-1).add_(self.lam)
+        factor, info = torch.linalg.cholesky_ex(k)
+        if bool(info.any()):
+            return None
+        inverse = torch.cholesky_inverse(factor)
+        fixed = (x64.mT @ inverse).to(x.dtype), (self.lam * inverse).to(x.dtype)
+        if cache is not None:
+            cache.store(key, ("projections", fixed))
+        return fixed
 
     def failed(self) -> Tensor | None:
         """A 0-dim bool tensor, true when a deferred factorisation failed (no synchronisation)."""
@@ -211,18 +236,28 @@ class _Ridge(torch.autograd.Function):
 
         dL/dY = Ŝ + V,      dL/dX = M (Ŵᵀ − VᵀX) − V Wᵀ
 
+    With a fixed input in the dual form (``fixed``, the reference batch itself): ``W = PY``, ``S = Y − QY``
+    and ``dL/dY = PᵀŴ + Ŝ − QŜ`` with ``P = Xᵀ K⁻¹`` and ``Q = λK⁻¹`` precomputed (``Solves.projections``).
+
     The backward reuses the forward's Cholesky factor and needs no Gram-sized product; double backward
     differentiates ``ridge_autograd`` instead.
     """
 
     @staticmethod
-    def forward(ctx, x, y, solves, layer, cache, sums=True, ones=False):
+    def forward(ctx, x, y, solves, layer, cache, sums=True, ones=False, fixed=False):
         ctx.set_materialize_grads(False)
-        ctx.ones, key = ones, x
+        ctx.ones, ctx.fixed, key = ones, False, x
         if ones:  # the bias row of eq. 2a, outside the autograd graph
             x = with_ones(x)
         xt = x.mT
         ctx.dual, ctx.lam, ctx.layer, ctx.sums = uses_dual(x.shape[-1], x.shape[-2]), solves.lam, layer, sums
+        projections = solves.projections(x, key, cache) if fixed and ctx.dual else None
+        if projections is not None:  # the fixed input of eq. 23: W = PY, S = Y − QY
+            p, q = projections
+            ctx.fixed = True
+            w = p @ y
+            ctx.save_for_backward(key, y, w, p, q)
+            return w, (y - q @ y) if sums else w.new_empty(0)
         if ctx.dual:
             # no K⁻¹ here: S = Y − λM relies on the small residual of a Cholesky solve
             factor, ctx.shift, ctx.inverse = solves.factor(lambda: x @ xt, layer, key, cache, 0)
@@ -246,11 +281,16 @@ class _Ridge(torch.autograd.Function):
             inputs = [t for t, need in ((x0, need_x), (y, need_y)) if need]
             w2 = ridge_autograd(x, y, ctx.lam, ctx.layer)
             grads = iter(regrad((w2, x @ w2), (gw, gs), inputs))
-            return (next(grads) if need_x else None), (next(grads) if need_y else None), None, None, None, None, None
+            return (next(grads) if need_x else None), (next(grads) if need_y else None), *_NONE
         if gw is None and gs is None:
-            return None, None, None, None, None, None, None
+            return None, None, *_NONE
         gx = gy = None
-        if ctx.dual:
+        if ctx.fixed:  # W = PY, S = Y − QY; the input needs no gradient
+            p, q = factor, extra
+            gy = p.mT @ gw if gw is not None else None
+            if gs is not None:
+                gy = gs - q @ gs if gy is None else gy + gs - q @ gs
+        elif ctx.dual:
             m = extra
             r = x @ gw if gw is not None else None
             if gs is not None:
@@ -272,11 +312,15 @@ class _Ridge(torch.autograd.Function):
             if need_x:
                 wx, zx = (w[..., :-1, :], z[..., :-1, :]) if ctx.ones else (w, z)
                 gx = _addmm(((gs - gy) if gs is not None else -gy) @ wx.mT, y - s, zx.mT)
-        return gx, (gy if need_y else None), None, None, None, None, None
+        return gx, (gy if need_y else None), *_NONE
+
+
+_NONE = (None,) * 6  # the gradients of _Ridge's non-tensor arguments
 
 
 def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
-                cache: FactorCache | None = None, sums: bool = True, ones: bool = False) -> tuple[Tensor, Tensor]:
+                cache: FactorCache | None = None, sums: bool = True, ones: bool = False,
+                fixed: bool = False) -> tuple[Tensor, Tensor]:
     """``argmin_W ||x W − y||² + λ||W||²`` for each leading (group) index, and ``S = x W``.
 
     Args:
@@ -287,6 +331,8 @@ def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
         cache: the layer's :class:`FactorCache`, if its input may repeat.
         sums: whether to compute ``S`` (else an empty tensor is returned in its place).
         ones: append the column of ones of eq. 2a (the bias) to x; W then has d + 1 rows, the last the bias.
+        fixed: x is the reference batch itself (``Solves.is_fixed``): in the dual form, solve by the
+            precomputed projections of ``Solves.projections``.
 
     Returns:
         ``Wᵀ`` ([G,] d [+1], o) and ``S`` ([G,] N, o) in the dtype ``solve_dtype(x.dtype)``; differentiable in
@@ -303,7 +349,7 @@ def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
         x = with_ones(x) if ones else x
         w = ridge_autograd(x, y, solves.lam, layer)
         return w, x @ w if sums else w.new_empty(0)
-    return _Ridge.apply(x, y, solves, layer, cache, sums, ones)
+    return _Ridge.apply(x, y, solves, layer, cache, sums, ones, fixed)
 
 
 def with_ones(x: Tensor) -> Tensor:

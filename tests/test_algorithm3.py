@@ -199,6 +199,10 @@ CASES = [
     # training forward is then the reference pass's (Realiser.is_reference_call), checked here too
     ([2, 5, 5, 5, 2], True, 31, 0),
     ([3, 6, 4, 3], False, 19, 0),
+    # d_in + 1 = 10 > n̄ = 6: the first layer's input is the fixed reference batch in the dual form (eq. 23),
+    # solved by precomputed projections (solver.Solves.projections); the second layer is dual, not fixed
+    ([9, 6, 4, 3], False, 6, 8),
+    ([9, 6, 4, 3], False, 6, 0),
 ]
 
 

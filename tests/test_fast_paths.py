@@ -370,3 +370,80 @@ def test_reused_reference_pass_restores_grad_mode_when_the_forward_raises():
     before = realisers(model)[0].merges
     model(ref).sum().backward()
     assert model.fc.parametrizations.weight.original.grad is not None and realisers(model)[0].merges == before + 1
+
+
+def _dual_first_layer_mlp(seed=6):
+    torch.manual_seed(seed)
+    ref = torch.randn(10, 30, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(30, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.RankDeficientWarning)
+        tp.to_target_space(model, ref, lam=1e-2, init="random")
+    return model, ref
+
+
+def test_fixed_dual_first_layer_uses_projections_and_equals_the_solve():
+    """A first layer in the dual form (d_in + 1 = 31 > n̄ = 10) whose input is the reference batch itself is
+    solved by W = PY, S = Y − QY (P, Q precomputed in float64): the weights must equal eq. 23 solved from
+    scratch, the sums it passes on X·W (eq. 13 sets T ← S), and dL/dT the plain autograd of eq. 23."""
+    model, ref = _dual_first_layer_mlp()
+    x = torch.randn(7, 30, dtype=torch.float64)
+    model(x).square().sum().backward()
+    assert realisers(model)[0].layers[0].adapter.cache.entry[0] == "projections"
+    one = torch.cat([ref, torch.ones(10, 1, dtype=ref.dtype)], 1)
+    t = model[0].parametrizations.weight.original
+    wt = one.T @ torch.linalg.solve(one @ one.T + 1e-2 * torch.eye(10, dtype=ref.dtype), t)  # eq. 23
+    torch.testing.assert_close(model[0].weight, wt[:-1].T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model[0].bias, wt[-1], rtol=1e-10, atol=1e-12)
+
+    # dL/dT of the whole model against the same computation by plain autograd through eq. 23 (layer 1,
+    # fixed input) and eq. 7/23 (layer 2, whose input depends on layer 1's targets)
+    t1, t2 = (m.parametrizations.weight.original for m in (model[0], model[2]))
+    tt1, tt2 = t1.detach().clone().requires_grad_(), t2.detach().clone().requires_grad_()
+    w1 = solver.ridge_autograd(one, tt1, 1e-2, "0")
+    a1 = torch.tanh(one @ w1)
+    w2 = solver.ridge_autograd(torch.cat([a1, torch.ones(10, 1, dtype=ref.dtype)], 1), tt2, 1e-2, "2")
+    h = torch.tanh(x @ w1[:-1] + w1[-1])
+    (h @ w2[:-1] + w2[-1]).square().sum().backward()
+    torch.testing.assert_close(t1.grad, tt1.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(t2.grad, tt2.grad, rtol=1e-8, atol=1e-10)
+
+    w, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    with torch.no_grad():
+        realisers(model)[0].project()  # T ← S, the S the first layer passes on
+    torch.testing.assert_close(t1, F.linear(ref, w, bias), rtol=1e-9, atol=1e-10)
+
+
+def test_fixed_dual_first_layer_does_not_depend_on_the_cache():
+    """The projections are the layer's only path, so a warm model (cache filled, trained) and a fresh copy
+    loading its state_dict realise bit-identical weights, under grad and under no_grad."""
+    model, ref = _dual_first_layer_mlp(seed=7)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 30, dtype=torch.float64)).square().sum().backward()
+        opt.step()
+    fresh, _ = _dual_first_layer_mlp(seed=8)
+    fresh.load_state_dict(model.state_dict())
+    probe = torch.randn(4, 30, dtype=torch.float64)
+    assert torch.equal(fresh(probe), model(probe))
+    with torch.no_grad():
+        other, _ = _dual_first_layer_mlp(seed=9)
+        other.load_state_dict(model.state_dict())
+        assert torch.equal(other(probe), model(probe))
+        assert torch.equal(other[0].weight, model[0].weight) and torch.equal(other[2].bias, model[2].bias)
+
+
+def test_projections_are_recomputed_when_the_reference_batch_changes():
+    """An in-place edit of the reference batch invalidates the precomputed projections (eq. 23 again)."""
+    model, ref = _dual_first_layer_mlp(seed=10)
+    model(ref).sum().backward()
+    buf = realisers(model)[0].reference_inputs()[0]
+    with torch.no_grad():
+        buf.mul_(0.5)
+    model.zero_grad()
+    model(torch.randn(3, 30, dtype=torch.float64)).sum().backward()
+    one = torch.cat([buf, torch.ones(10, 1, dtype=buf.dtype)], 1)
+    t = model[0].parametrizations.weight.original
+    wt = one.T @ torch.linalg.solve(one @ one.T + 1e-2 * torch.eye(10, dtype=buf.dtype), t)
+    torch.testing.assert_close(model[0].weight, wt[:-1].T, rtol=1e-10, atol=1e-12)
