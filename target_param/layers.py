@@ -324,9 +324,14 @@ class ConvAdapter(FeedForwardAdapter):
         return xy
 
     def fold(self, shape, wt, grad):
-        """col2im of ``grad · wᵀ`` (patch-space gradient) onto the padded input: a transposed conv."""
+        """col2im of ``grad · wᵀ`` (patch-space gradient) onto the padded input: a transposed conv, whose
+        output padding restores the input size (``F.conv_transpose2d`` is up to 15% faster here than
+        ``torch.nn.grad.conv2d_input``, which hands mkldnn an expanded dummy input)."""
         w, _ = self.assemble(wt, wt.dtype)
-        return _CONV_INPUT[self.nd](shape, w, grad, self.stride, self.conv_padding, self.dilation, self.groups)
+        pad = (self.conv_padding,) * self.nd if isinstance(self.conv_padding, int) else self.conv_padding
+        extra = [size - ((o - 1) * s - 2 * p + d * (k - 1) + 1) for size, o, s, p, d, k in
+                 zip(shape[2:], grad.shape[2:], self.stride, pad, self.dilation, self.kernel_size)]
+        return _CONV_T[self.nd](grad, w, None, self.stride, pad, extra, self.groups, self.dilation)
 
     def rows(self, t):
         n, g = t.shape[0], self.groups
@@ -344,7 +349,7 @@ class ConvAdapter(FeedForwardAdapter):
 _SHIFT_GRAM_MIN = 4
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
-_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class _ConvRidge(torch.autograd.Function):
