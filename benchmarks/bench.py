@@ -150,12 +150,14 @@ def ce(out, y):
 @dataclass
 class Setup:
     """What a configuration needs: a weight-space model, a function converting a copy of it in place, a
-    few minibatches (cycled), and the loss."""
+    few minibatches (cycled), the loss, and ``reference(model)``: the model's output on the reference batch,
+    where the target space takes it (for the physical floor, see ``make_step``)."""
     model: nn.Module
     convert: Callable[[nn.Module], None]
     batches: list
     loss: Callable = ce
     notes: str = ""
+    reference: Callable[[nn.Module], torch.Tensor] | None = None
 
 
 def _convert(ref, lam, std, **extra):
@@ -167,7 +169,7 @@ def _convert(ref, lam, std, **extra):
 def build_spirals(dev, g):
     x, y = two_spirals()
     x, y = x.to(dev), y.to(dev)
-    return Setup(ShortcutMLP().to(dev), _convert(x, 1e-3, 1.0), [(x, y)],
+    return Setup(ShortcutMLP().to(dev), _convert(x, 1e-3, 1.0), [(x, y)], reference=lambda m: m(x),
                  notes="full batch: the minibatch is the reference batch (n = n̄ = 194)")
 
 
@@ -175,7 +177,7 @@ def build_mlp(dev, g):
     ref = torch.rand(200, 784, generator=g).to(dev)
     batches = [(torch.rand(100, 784, generator=g).to(dev), torch.randint(10, (100,), generator=g).to(dev))
                for _ in range(4)]
-    return Setup(deep_mlp().to(dev), _convert(ref, 1e-3, 1.0), batches)
+    return Setup(deep_mlp().to(dev), _convert(ref, 1e-3, 1.0), batches, reference=lambda m: m(ref))
 
 
 def _cnn_batches(dev, g, n=100, count=4):
@@ -185,7 +187,7 @@ def _cnn_batches(dev, g, n=100, count=4):
 
 def build_cnn(dev, g, **extra):
     ref = torch.randn(100, 3, 32, 32, generator=g).to(dev)
-    return Setup(PaperCNN().to(dev), _convert(ref, 0.1, 0.1, **extra), _cnn_batches(dev, g))
+    return Setup(PaperCNN().to(dev), _convert(ref, 0.1, 0.1, **extra), _cnn_batches(dev, g), reference=lambda m: m(ref))
 
 
 def build_resnet18(dev, g):
@@ -194,14 +196,14 @@ def build_resnet18(dev, g):
     ref = torch.randn(32, 3, 64, 64, generator=g).to(dev)
     batches = [(torch.randn(64, 3, 64, 64, generator=g).to(dev), torch.randint(10, (64,), generator=g).to(dev))
                for _ in range(4)]
-    return Setup(model, _convert(ref, 0.1, 0.1), batches)
+    return Setup(model, _convert(ref, 0.1, 0.1), batches, reference=lambda m: m(ref))
 
 
 def build_rnn_bits(dev, g):
     ref = torch.randint(2, (100, 70, 1), generator=g).float().to(dev)
     batches = [(torch.randint(2, (100, 70, 1), generator=g).float().to(dev),
                 torch.randint(2, (100, 70), generator=g).to(dev)) for _ in range(4)]
-    return Setup(BitsRNN().to(dev), _convert(ref, 0.1, 1.0), batches,
+    return Setup(BitsRNN().to(dev), _convert(ref, 0.1, 1.0), batches, reference=lambda m: m(ref),
                  notes="RNN and exit layer both converted; loss at every time step")
 
 
@@ -213,7 +215,7 @@ def build_rnn_imdb(dev, g):
 
     batches = [(torch.randint(5000, (40, 500), generator=g).to(dev), torch.randint(2, (40,), generator=g).to(dev))
                for _ in range(4)]
-    return Setup(ImdbRNN().to(dev), convert, batches,
+    return Setup(ImdbRNN().to(dev), convert, batches, reference=lambda m: m.rnn(ref_seq)[0],
                  notes="only model.rnn converted (reference: 40 fixed uniform[-1,1] sequences of length 60, "
                        "fed straight into the RNN); embedding and exit layer stay in weight space")
 
@@ -251,8 +253,12 @@ BY_NAME = {c.name: c for c in CONFIGS}
 
 
 # ================================================================================== stepping
-def make_step(model, loss_fn, mode):
-    """A closure doing one timed unit of work on a batch, and the optimiser (None in eval mode)."""
+def make_step(model, loss_fn, mode, reference=None):
+    """A closure doing one timed unit of work on a batch, and the optimiser (None in eval mode).
+
+    With ``reference`` (the *physical floor* of the issue): a weight-space step that also forwards and
+    backpropagates the reference batch, i.e. what any method that re-derives the weights from the reference
+    batch at every step must at least do."""
     if mode == "eval":
         def step(batch):
             with torch.no_grad():
@@ -263,13 +269,17 @@ def make_step(model, loss_fn, mode):
     def step(batch):
         opt.zero_grad(set_to_none=True)
         x, y = batch
-        loss_fn(model(x), y).backward()
+        loss = loss_fn(model(x), y)
+        if reference is not None:
+            loss = loss + reference(model).float().mean()
+        loss.backward()
         opt.step()
     return step, opt
 
 
 def prepare(setup: Setup, space: str, mode: str, device):
-    """A fresh (deep-copied) model of one space, ready to be stepped: converted, with its optimiser; an
+    """A fresh (deep-copied) model of one space ("weight", "target" or "floor": weight space that also
+    forwards and backpropagates the reference batch), ready to be stepped: converted, with its optimiser; an
     eval-mode model is trained 2 steps, switched to eval and realised once (its first no_grad forward)."""
     model = copy.deepcopy(setup.model)
     if space == "target":
@@ -285,7 +295,7 @@ def prepare(setup: Setup, space: str, mode: str, device):
         step, opt = make_step(model, setup.loss, "eval")
         step(setup.batches[0])  # the realisation the eval forwards reuse
     else:
-        step, opt = make_step(model, setup.loss, mode)
+        step, opt = make_step(model, setup.loss, mode, setup.reference if space == "floor" else None)
     return model, step, opt
 
 
@@ -446,9 +456,17 @@ def run_config(cfg: Config, args, device) -> dict:
     row["conversion_warnings"] = getattr(setup, "_warnings", [])
     row["target_params"] = sum(p.numel() for p in tmodel.parameters())
     row["weight_params"] = sum(p.numel() for p in wmodel.parameters())
-    times = interleaved_times({"weight": wstep, "target": tstep}, setup.batches, warmup, pairs,
-                              sync_fn(device), None if args.quick else args.budget)
+    steps = {"weight": wstep, "target": tstep}
+    if not args.no_floor and cfg.mode == "train" and setup.reference is not None:
+        steps["floor"] = prepare(setup, "floor", cfg.mode, device)[1]
+    times = interleaved_times(steps, setup.batches, warmup, pairs, sync_fn(device),
+                              None if args.quick else args.budget)
     tw, tt = times["weight"], times["target"]
+    if "floor" in times:
+        floor = [f / w for f, w in zip(times["floor"], tw)]
+        row.update(floor_s=times["floor"], floor_median_s=statistics.median(times["floor"]),
+                   floor_ratio=statistics.median(floor),
+                   target_over_floor=statistics.median([t / f for t, f in zip(tt, times["floor"])]))
     ratios = [t / w for t, w in zip(tt, tw)]
     blocks = [ratios[i::5] for i in range(5)] if len(ratios) >= 10 else []
     row.update(
@@ -529,13 +547,13 @@ def _fmt(x, spec, empty="—"):
 
 
 def table(rows) -> str:
-    head = ["config", "n", "n̄", "λ", "pairs", "W ms", "T ms", "T/W", "IQR", "paper", "goal", "W MB", "T MB",
-            "mem T/W", "mem goal"]
+    head = ["config", "n", "n̄", "λ", "pairs", "W ms", "T ms", "T/W", "IQR", "floor", "paper", "goal", "W MB",
+            "T MB", "mem T/W", "mem goal"]
     lines = []
     for r in rows:
         if r.get("status") != "ok":
             lines.append([r["config"], str(r.get("n", "")), str(r.get("nbar", "")), _fmt(r.get("lam"), "g"),
-                          "", "", "", r.get("status", "error").split(" (")[0], "", r.get("paper", ""),
+                          "", "", "", r.get("status", "error").split(" (")[0], "", "", r.get("paper", ""),
                           _fmt(r.get("goal_ratio"), ".2f").join(["≤", "×"]) if r.get("goal_ratio") else "",
                           "", "", "", ""])
             continue
@@ -544,7 +562,7 @@ def table(rows) -> str:
             _fmt(r["lam"], "g"), str(r["pairs"]),
             _fmt(r["weight_median_s"] * 1e3, ".2f"), _fmt(r["target_median_s"] * 1e3, ".2f"),
             _fmt(r["ratio"], ".2f") + "×", f"{r['ratio_p25']:.2f}–{r['ratio_p75']:.2f}",
-            r["paper"], f"≤{r['goal_ratio']:.2f}×" if r["goal_ratio"] else "",
+            _fmt(r.get("floor_ratio"), ".2f") + ("×" if r.get("floor_ratio") else ""), r["paper"], f"≤{r['goal_ratio']:.2f}×" if r["goal_ratio"] else "",
             _fmt(r.get("weight_peak_mb"), ".1f"), _fmt(r.get("target_peak_mb"), ".1f"),
             _fmt(r.get("mem_ratio"), ".2f") + ("×" if r.get("mem_ratio") else ""),
             f"≤{r['goal_mem_ratio']:.0f}×" if r["goal_mem_ratio"] else "",
@@ -572,6 +590,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-positions", type=int, default=2048,
                    help="value passed as max_positions for cnn-approx, if the library has that option")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the physical floor (a weight-space step that also forwards and backpropagates "
+                        "the reference batch, stepped interleaved with the other two)")
     p.add_argument("--profile", default="",
                    help="comma-separated configs: also print a torch.profiler table of one target-space step")
     p.add_argument("--profile-rows", type=int, default=20)
@@ -606,7 +627,7 @@ def main(argv=None) -> int:
         rows.append(row)
         if row.get("status") == "ok":
             msg = (f"{row['ratio']:.2f}× (IQR {row['ratio_p25']:.2f}–{row['ratio_p75']:.2f}) over "
-                   f"{row['pairs']} pairs")
+                   f"{row['pairs']} pairs" + (f"; floor {row['floor_ratio']:.2f}×" if "floor_ratio" in row else ""))
         else:
             msg = row.get("status")
         print(f"# {name}: {msg} [{time.perf_counter() - t0:.0f} s]", flush=True)
@@ -617,7 +638,8 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     print(f"\nT/W: median of per-pair ratios (target-space step / weight-space step), IQR = 25th–75th "
-          f"percentile of those ratios. Memory: peak per model in isolation ({'CUDA allocator' if device.type == 'cuda' else 'CPU allocator via torch.profiler'}).")
+          f"percentile of those ratios. floor: the same for a weight-space step that also forwards and "
+          f"backpropagates the reference batch (the physical floor). Memory: peak per model in isolation ({'CUDA allocator' if device.type == 'cuda' else 'CPU allocator via torch.profiler'}).")
     for r in rows:
         for w in r.get("conversion_warnings", []) or []:
             print(f"  note {r['config']}: {w[:110]}")

@@ -23,7 +23,8 @@ def test_bench_quick(tmp_path):
     assert set(rows) == {"spirals", "mlp"}
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row.get("status"), row.get("traceback"))
-        for key in ("ratio", "ratio_p25", "ratio_p75", "ratio_of_medians", "weight_median_s", "target_median_s"):
+        for key in ("ratio", "ratio_p25", "ratio_p75", "ratio_of_medians", "weight_median_s", "target_median_s",
+                    "floor_ratio", "floor_median_s"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         assert all(math.isfinite(r) and r > 0 for r in row["pair_ratios"])
         assert row["weight_mem"]["peak_bytes"] > 0 and row["target_mem"]["peak_bytes"] > 0
