@@ -95,7 +95,8 @@ class FactorCache:
     """The factor of a layer whose input did not change since the last realisation (technique 3).
 
     The first converted layer's input is the fixed reference batch, so its Gram and Cholesky factor are
-    computed once. An input that needs no gradient is compared with the stored copy (``torch.equal``, one
+    computed once (an entry ``("factor", ...)``; a fixed layer in the dual form keeps its projections
+    instead, ``("projections", (P, Q))``, see ``Solves.projections``). An input that needs no gradient is compared with the stored copy (``torch.equal``, one
     pass over the input, against the Gram's d passes); any change (a new reference batch, dropout, a
     frozen layer edited, a device or dtype move) recomputes.
     """
@@ -281,7 +282,9 @@ class _Ridge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gw, gs):
         x0, y, w, factor, extra = ctx.saved_tensors
-        x = with_ones(x0) if ctx.ones else x0
+        x = x0
+        if ctx.ones and (torch.is_grad_enabled() or not ctx.fixed):  # the fixed path below needs no x
+            x = with_ones(x0)
         need_x, need_y = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain formula instead
             inputs = [t for t, need in ((x0, need_x), (y, need_y)) if need]
