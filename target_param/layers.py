@@ -68,6 +68,7 @@ class FeedForwardAdapter(Adapter):
 
     groups = 1
     targets = ("weight",)
+    split = False  # ridge_solve returns Wᵀ as (weight rows, bias row) when the layer has a bias
 
     def __init__(self, module: nn.Module):
         self.has_bias = module.bias is not None
@@ -94,7 +95,8 @@ class FeedForwardAdapter(Adapter):
                 target_shape=tuple(t.shape),
                 input_shape=tuple(args[0].shape),
             )
-        wt, s = ridge_solve(a, y, solves, name, self.cache, ones=self.has_bias, fixed=solves.is_fixed(args[0]))
+        wt, s = ridge_solve(a, y, solves, name, self.cache, ones=self.has_bias, fixed=solves.is_fixed(args[0]),
+                            split=self.split)
         s = self.unrows(s, t)
         return self.tensors_of(wt, t.dtype), (s if s.dtype == t.dtype else s.to(t.dtype))
 
@@ -159,10 +161,14 @@ class LinearAdapter(FeedForwardAdapter):
     def unrows(self, s, like):
         return s if s.shape == like.shape else s.reshape(like.shape)
 
+    split = True
+
     def assemble(self, wt, dtype):
-        """Views of ``Wᵀ`` (d [+1], o): F.linear multiplies by ``weightᵀ``, which is then contiguous."""
-        w = wt if wt.dtype == dtype else wt.to(dtype)
-        return (w[:-1].mT, w[-1]) if self.has_bias else (w.mT, None)
+        """Views of ``Wᵀ`` (d, o), with the bias (o,) apart (``split``): F.linear multiplies by ``weightᵀ``,
+        which is then contiguous."""
+        w, b = wt if self.has_bias else (wt, None)
+        w = w if w.dtype == dtype else w.to(dtype)
+        return w.mT, (b if b is None or b.dtype == dtype else b.to(dtype))
 
 
 class ConvAdapter(FeedForwardAdapter):

@@ -250,9 +250,9 @@ class _Ridge(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, solves, layer, cache, sums=True, ones=False, fixed=False):
+    def forward(ctx, x, y, solves, layer, cache, sums=True, ones=False, fixed=False, split=False):
         ctx.set_materialize_grads(False)
-        ctx.ones, ctx.fixed, key = ones, False, x
+        ctx.ones, ctx.fixed, ctx.split, key = ones, False, split, x
         ctx.dual, ctx.lam, ctx.layer, ctx.sums = uses_dual(x.shape[-1] + ones, x.shape[-2]), solves.lam, layer, sums
         projections = solves.projections(lambda: with_ones(key) if ones else key, key, cache) \
             if fixed and ctx.dual else None
@@ -261,7 +261,7 @@ class _Ridge(torch.autograd.Function):
             ctx.fixed = True
             w = p @ y
             ctx.save_for_backward(key, y, w, p, q)
-            return w, (y - q @ y) if sums else w.new_empty(0)
+            return _outputs(ctx.split, w, (y - q @ y) if sums else w.new_empty(0))
         if ones:  # the bias row of eq. 2a, outside the autograd graph
             x = with_ones(x)
         xt = x.mT
@@ -277,11 +277,12 @@ class _Ridge(torch.autograd.Function):
             w = solve_with(xt @ y, factor, ctx.inverse)
             s = x @ w if sums else w.new_empty(0)
             ctx.save_for_backward(key, y, w, factor, s)
-        return w, s
+        return _outputs(ctx.split, w, s)
 
     @staticmethod
-    def backward(ctx, gw, gs):
+    def backward(ctx, *grads):
         x0, y, w, factor, extra = ctx.saved_tensors
+        gw, gs = (_join(*grads[:2], w), grads[2]) if ctx.split else grads
         x = x0
         if ctx.ones and (torch.is_grad_enabled() or not ctx.fixed):  # the fixed path below needs no x
             x = with_ones(x0)
@@ -324,12 +325,30 @@ class _Ridge(torch.autograd.Function):
         return gx, (gy if need_y else None), *_NONE
 
 
-_NONE = (None,) * 6  # the gradients of _Ridge's non-tensor arguments
+_NONE = (None,) * 7  # the gradients of _Ridge's non-tensor arguments
+
+
+def _outputs(split: bool, w: Tensor, s: Tensor) -> tuple:
+    """``(W, S)``, or with ``split`` ``(W's weight rows, its bias row, S)``: separate outputs, so that a Linear
+    layer's weight and bias are not views of one tensor, whose backward would build two zero-filled
+    W-sized gradients and add them."""
+    return (w[..., :-1, :], w[..., -1, :], s) if split else (w, s)
+
+
+def _join(gm: Tensor | None, gb: Tensor | None, w: Tensor) -> Tensor | None:
+    """The gradient of W from those of its weight rows and bias row (either may be None)."""
+    if gm is None and gb is None:
+        return None
+    if gm is None:
+        gm = w.new_zeros(w[..., :-1, :].shape)
+    if gb is None:
+        gb = w.new_zeros(w[..., -1, :].shape)
+    return torch.cat([gm, gb.unsqueeze(-2)], -2)
 
 
 def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
                 cache: FactorCache | None = None, sums: bool = True, ones: bool = False,
-                fixed: bool = False) -> tuple[Tensor, Tensor]:
+                fixed: bool = False, split: bool = False) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor]:
     """``argmin_W ||x W − y||² + λ||W||²`` for each leading (group) index, and ``S = x W``.
 
     Args:
@@ -342,6 +361,7 @@ def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
         ones: append the column of ones of eq. 2a (the bias) to x; W then has d + 1 rows, the last the bias.
         fixed: x is the reference batch itself (``Solves.is_fixed``): in the dual form, solve by the
             precomputed projections of ``Solves.projections``.
+        split: with ``ones``, return ``Wᵀ`` as the pair (weight rows (d, o), bias (o,)), two autograd outputs.
 
     Returns:
         ``Wᵀ`` ([G,] d [+1], o) and ``S`` ([G,] N, o) in the dtype ``solve_dtype(x.dtype)``; differentiable in
@@ -354,11 +374,14 @@ def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
         x = x.to(dtype)
     if y.dtype != dtype:
         y = y.to(dtype)
+    split = split and ones
     if plain_autograd():
         x = with_ones(x) if ones else x
         w = ridge_autograd(x, y, solves.lam, layer)
-        return w, x @ w if sums else w.new_empty(0)
-    return _Ridge.apply(x, y, solves, layer, cache, sums, ones, fixed)
+        out = _outputs(split, w, x @ w if sums else w.new_empty(0))
+    else:
+        out = _Ridge.apply(x, y, solves, layer, cache, sums, ones, fixed, split)
+    return (out[:2], out[2]) if split else out
 
 
 def with_ones(x: Tensor) -> Tensor:

@@ -121,3 +121,38 @@ def test_gradcheck_loss_matches_module_backward(cascade, device):
     (model(x) ** 2).sum().backward()
     for k, g in zip(keys, grads):
         torch.testing.assert_close(params[k].grad, g, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the ridge Function itself (solver._Ridge)
+@pytest.mark.parametrize("form", ["primal", "dual", "fixed-dual"])
+@pytest.mark.parametrize("used", ["all", "weight", "bias", "sums"])
+@pytest.mark.parametrize("split", [False, True])
+def test_gradcheck_ridge_solve(form, used, split):
+    """``ridge_solve`` with the bias column (eq. 2a) against central differences, and its values against
+    ``ridge_autograd`` (plain autograd through eq. 7 / eq. 23): primal, dual and the fixed dual input's
+    projections; W as one tensor or split into weight rows and bias row, with only some outputs used (the
+    others' gradients are None in backward)."""
+    from target_param import solver
+
+    gen = torch.Generator().manual_seed(11)
+    n, d = (9, 3) if form == "primal" else (4, 6)
+    x = torch.randn(n, d, generator=gen, dtype=DT, requires_grad=form != "fixed-dual")
+    y = torch.randn(n, 2, generator=gen, dtype=DT, requires_grad=True)
+    lam = 0.3
+
+    def f(x, y):
+        solves = solver.Solves(lam, fixed=(x,) if form == "fixed-dual" else ())
+        wt, s = solver.ridge_solve(x, y, solves, "l", solver.FactorCache(), ones=True,
+                                   fixed=solves.is_fixed(x), split=split)
+        w, b = wt if split else (wt[:-1], wt[-1])
+        return {"all": (w, b, s), "weight": (w,), "bias": (b,), "sums": (s,)}[used]
+
+    one = torch.cat([x, torch.ones(n, 1, dtype=DT)], 1)
+    ref = solver.ridge_autograd(one, y, lam, "l")
+    w, b, s = f(x, y) if used == "all" else (None, None, None)
+    if w is not None:
+        torch.testing.assert_close(w, ref[:-1], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, ref[-1], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(s, one @ ref, rtol=1e-10, atol=1e-12)
+    inputs = (x, y) if x.requires_grad else (y,)
+    assert gradcheck(lambda *a: f(*(a if x.requires_grad else (x, *a))), inputs, eps=1e-6, atol=1e-7)
