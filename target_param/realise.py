@@ -15,8 +15,9 @@ Layers the graph cannot reach (inside a leaf module, recurrent, or carrying user
 models are solved by the layer's forward pre-hook instead; its forward hook then passes the solve's ``S_j``
 on.
 
-Cholesky failures and non-finite weights are checked once per realisation (one synchronisation); only a
-failure repeats the pass carefully, layer by layer (``solver.Solves``).
+Cholesky failures and non-finite weights are checked once per realisation (one synchronisation; on CUDA
+the solves avoid LAPACK's own checks, see ``solver.SYNC_FREE_DEVICES``, and a cached factor adds the
+``torch.equal`` of its input); only a failure repeats the pass carefully, layer by layer (``solver.Solves``).
 
 When realisation happens:
   * every grad-enabled forward of the converted root realises once (gradient accumulation works);
