@@ -95,10 +95,10 @@ class FactorCache:
     """The factor of a layer whose input did not change since the last realisation (technique 3).
 
     The first converted layer's input is the fixed reference batch, so its Gram and Cholesky factor are
-    computed once (an entry ``("factor", ...)``; a fixed layer in the dual form keeps its projections
-    instead, ``("projections", (P, Q))``, see ``Solves.projections``). An input that needs no gradient is compared with the stored copy (``torch.equal``, one
-    pass over the input, against the Gram's d passes); any change (a new reference batch, dropout, a
-    frozen layer edited, a device or dtype move) recomputes.
+    computed once: an entry ``("factor", ...)``; a fixed layer in the dual form keeps its projections
+    instead, ``("projections", (P, Q))`` (see ``Solves.projections``). An input that needs no gradient is
+    compared with the stored copy (``torch.equal``, one pass over the input, against the Gram's d passes);
+    any change (a new reference batch, dropout, a frozen layer edited, a device or dtype move) recomputes.
     """
 
     def __init__(self):
