@@ -25,7 +25,7 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .layers import ConvAdapter, adapter_for, is_candidate
-from .parametrization import TargetParametrization, copy_with_own_class
+from .parametrization import TargetParametrization, install
 from .plan import Plan, make_plan
 from .realise import REALISER_ATTR, ConvertedLayer, Realiser, reused_error
 
@@ -201,12 +201,9 @@ def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions:
         parametrize.register_parametrization(m, name, TargetParametrization(realiser, i, name), unsafe=True)
         if name not in targets:
             m.parametrizations[name]._non_persistent_buffers_set.add("original")  # a placeholder, not state
-    copy_with_own_class(m)
-    owner = m.parametrizations[layer.adapter.targets[0]][0]
+    install(m, layer.adapter.tensors, layer.adapter.targets[0])
     if positions is not None:
-        owner.register_buffer("positions", positions)
-    m.register_forward_pre_hook(owner.pre_hook)
-    m.register_forward_hook(owner.post_hook)
+        m.parametrizations[layer.adapter.targets[0]][0].register_buffer("positions", positions)
 
 
 def _remove_hooks(module: nn.Module, owner) -> None:
@@ -396,7 +393,6 @@ def to_weight_space(model: nn.Module) -> nn.Module:
         r.phase = "frozen"
         for layer in r.layers:
             m, ad = layer.module, layer.adapter
-            _remove_hooks(m, m.parametrizations[ad.targets[0]][0])
             requires_grad = m.parametrizations[ad.targets[0]].original.requires_grad
             for name in ad.tensors:
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)

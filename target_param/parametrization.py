@@ -12,10 +12,11 @@ from __future__ import annotations
 import copy
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .errors import AssignmentError
 
-__all__ = ["TargetParametrization", "copy_with_own_class"]
+__all__ = ["TargetParametrization", "install"]
 
 
 class TargetParametrization(nn.Module):
@@ -39,14 +40,6 @@ class TargetParametrization(nn.Module):
             layer=self.realiser.layers[self.index].name,
         )
 
-    # Hooks on the layer. They are bound methods of a module of the tree, so copy.deepcopy keeps each
-    # model's hooks pointing at its own realiser.
-    def pre_hook(self, module: nn.Module, args):
-        self.realiser.layer_pre_hook(self.index, args)
-
-    def post_hook(self, module: nn.Module, args, output):
-        return self.realiser.layer_post_hook(self.index, args, output)
-
     def extra_repr(self) -> str:
         return f"{self.which} = T·A^‡ (eq. 6), λ={self.realiser.lam}"
 
@@ -64,6 +57,33 @@ def _deepcopy_with_own_class(self, memo):
     return replica
 
 
-def copy_with_own_class(module: nn.Module) -> None:
-    """Make deep copies of this parametrized module independent (see ``_deepcopy_with_own_class``)."""
-    type(module).__deepcopy__ = _deepcopy_with_own_class
+def _fast_read(name: str, fget):
+    """The getter of ``layer.<name>``: the realised tensor straight from the realiser, without the two
+    module calls of parametrize's own getter (16 µs against 0.3 µs here), which it falls back on when
+    ``parametrize.cached()`` is active or another parametrization is chained after ours."""
+    def read(self):
+        chain = self._modules["parametrizations"]._modules[name]
+        if len(chain._modules) != 1 or parametrize._cache_enabled:
+            return fget(self)
+        p = chain._modules["0"]
+        return p.realiser.tensor(p.index, p.which)
+    return read
+
+
+def install(module: nn.Module, names: tuple[str, ...], owner: str) -> None:
+    """Specialise the class that parametrize generated for this module (one per module): fast reads of the
+    realised ``names``; a ``forward`` that does the layer's part of the reference pass (Algorithm 2, see
+    ``Realiser.layer_call``) and is the class's own otherwise, so that no hook slows every call; and deep
+    copies with a class of their own. ``owner``: the name whose parametrization holds the realiser."""
+    cls = type(module)
+    base = cls.forward
+
+    def forward(self, *args, **kwargs):
+        p = self._modules["parametrizations"]._modules[owner]._modules["0"]
+        return p.realiser.layer_call(p.index, base, self, args, kwargs)
+
+    cls.forward = forward
+    for name in names:
+        prop = cls.__dict__[name]
+        setattr(cls, name, property(_fast_read(name, prop.fget), prop.fset))
+    cls.__deepcopy__ = _deepcopy_with_own_class

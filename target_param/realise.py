@@ -12,8 +12,9 @@ call there is replaced by :class:`ReferenceCall`, which solves the layer and ret
 solve (no second product, and one backward for both uses of ``W``); its max pooling with
 non-overlapping windows keeps only the argmax for backward, not its input (:func:`lean_max_pool`).
 Layers the graph cannot reach (inside a leaf module, recurrent, or carrying user hooks) and untraceable
-models are solved by the layer's forward pre-hook instead; its forward hook then passes the solve's ``S_j``
-on.
+models are solved by the layer's own forward (``Realiser.layer_call``, installed on the class that
+parametrize generates for it), after any forward pre-hooks and before any forward hooks. A converted
+layer carries no hook of ours, so outside the reference pass it costs what a plain layer costs.
 
 Cholesky failures and non-finite weights are checked once per realisation (one synchronisation; on CUDA
 the solves avoid LAPACK's own checks, see ``solver.SYNC_FREE_DEVICES``, and a cached factor adds the
@@ -188,7 +189,6 @@ class Realiser:
         self.random = _random_modules(self.graph_module) if self.graph_module is not None else None
         self.careful = False  # set for good after a deferred check failed (see solver.Solves)
         self.solves: Solves | None = None
-        self.outputs: list | None = None
         self.cache: list | None = None
         self.cache_has_graph = False
         self.pending: list | None = None
@@ -207,7 +207,7 @@ class Realiser:
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
         state = dict(self.__dict__)
         state.update(cache=None, cache_has_graph=False, pending=None, capture=None, key=None, phase=IDLE, depth=0,
-                     solves=None, outputs=None, merged=None, grad_mode=None)
+                     solves=None, merged=None, grad_mode=None)
         return state
 
     def _reference_graph(self, gm: nn.Module) -> nn.Module:
@@ -241,7 +241,7 @@ class Realiser:
             _fingerprint(t) for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values())
             if t is not None)
 
-    def _graph_used(self, grad: Tensor) -> None:
+    def _graph_used(self, grads) -> None:
         self.cache_has_graph = False
 
     def needs_graph(self) -> bool:
@@ -258,7 +258,7 @@ class Realiser:
         ``keep_output``: keep the pass's output in ``self.merged`` (see :meth:`root_pre_hook`)."""
         prev, self.phase, self.merged = self.phase, REFERENCE, None
         n = len(self.layers)
-        self.pending, self.outputs, self.calls, self.order = [None] * n, [None] * n, [0] * n, []
+        self.pending, self.calls, self.order = [None] * n, [0] * n, []
         inputs = self.reference_inputs()
         self.solves = Solves(self.lam, self.careful, tuple(t for t in inputs if isinstance(t, Tensor)))
         try:
@@ -297,11 +297,15 @@ class Realiser:
             graph = [t for tensors in self.cache for t in tensors.values() if t.requires_grad]
             if graph:
                 # A backward through these frees their graph: the next read that needs one realises again.
+                # (A hook on each tensor's node: half the cost of Tensor.register_hook.)
                 self.cache_has_graph = True
                 for t in graph:
-                    t.register_hook(self._graph_used)
+                    if t.grad_fn is None:
+                        t.register_hook(self._graph_used)
+                    else:
+                        t.grad_fn.register_prehook(self._graph_used)
         finally:
-            self.phase, self.pending, self.outputs, self.solves = prev, None, None, None
+            self.phase, self.pending, self.solves = prev, None, None
         self.key = self.state_key(modules)
         self.realisations += 1
         self.merged = out if keep_output else None
@@ -388,22 +392,18 @@ class Realiser:
     def reference_call(self, i: int, args: tuple):
         """Layer i's call in the reference graph (see :class:`ReferenceCall`)."""
         m = self.layers[i].module
-        if len(m._forward_pre_hooks) != 1 or len(m._forward_hooks) != 1 or _global_hooks():
-            return m(*args)  # someone else's hooks must run too: the hook path
+        if m._forward_pre_hooks or m._forward_hooks or _global_hooks():
+            return m(*args)  # someone's hooks must run too: the layer's own forward solves it (layer_call)
         return self._passed_on(i, args, self._solve(i, args))
 
-    def layer_pre_hook(self, i: int, args) -> None:
-        if self.phase == REFERENCE:
-            self.outputs[i] = self._solve(i, args)
-        elif self.phase == IDLE:
-            self.ensure_fresh()
-
-    def layer_post_hook(self, i: int, args, output):
+    def layer_call(self, i: int, base, module: nn.Module, args: tuple, kwargs: dict):
+        """The forward of converted layer i (``parametrization.install``): the class's own ``base``, except
+        in the reference pass, where the layer is solved from its input (after any forward pre-hooks, so
+        from the input it computes with) and passes on what the solve gives (``S_j``), else its output."""
         if self.phase != REFERENCE:
-            return None
-        solved = self.outputs[i]
-        passed = self._passed_on(i, args, output if solved is None else solved)
-        return None if passed is output else passed
+            return base(module, *args, **kwargs)
+        solved = self._solve(i, args)
+        return self._passed_on(i, args, base(module, *args, **kwargs) if solved is None else solved)
 
     def root_pre_hook(self, module: nn.Module, args, kwargs):
         if self.phase == FORWARD:

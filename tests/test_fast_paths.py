@@ -74,6 +74,53 @@ def test_user_hook_on_converted_layer_still_runs_in_reference_pass():
     assert not torch.allclose(c.layers[1].weight, a.layers[1].weight)
 
 
+@pytest.mark.parametrize("trace", [True, False], ids=["graph", "hooks"])
+def test_layer_is_solved_from_the_input_it_computes_with(trace):
+    """A converted layer carries no hook of its own (its class's forward does the reference-pass work), so
+    a user's forward pre-hook that changes the layer's input, added after conversion, is seen by the solve:
+    W = T A^‡ (eq. 6, from scratch) with A the changed input, and the layer passes on X·W for it."""
+    torch.manual_seed(5)
+    ref = torch.randn(30, 2, dtype=torch.float64)
+    m = ShortcutMLP().double()
+    tp.to_target_space(m, ref, lam=1e-3, init="random", trace=trace)
+    assert all(not mod._forward_pre_hooks and not mod._forward_hooks for mod in m.layers)
+    m.layers[0].register_forward_pre_hook(lambda mod, args: (2 * args[0],))
+    seen = {}
+    m.layers[1].register_forward_pre_hook(lambda mod, args: seen.__setitem__("a", args[0].detach().clone()))
+    with torch.no_grad():
+        m.layers[0].parametrizations.weight.original.add_(0.1)  # stale: the next forward realises
+        m(ref)
+    w, b = _explicit_first_layer(m, 2 * ref, 1e-3)
+    torch.testing.assert_close(m.layers[0].weight, w, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(m.layers[0].bias, b, rtol=1e-9, atol=1e-10)
+    expected = torch.cat([ref, torch.tanh(F.linear(2 * ref, w, b))], 1)
+    torch.testing.assert_close(seen["a"], expected, rtol=1e-9, atol=1e-10)
+
+
+def test_weight_reads_honour_parametrize_cached_and_chained_parametrizations():
+    """``layer.weight`` skips parametrize's getter for speed, except under ``parametrize.cached()`` (one
+    evaluation per tensor) and when another parametrization is chained after ours."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(6)
+    ref = torch.randn(20, 2, dtype=torch.float64)
+    m = tp.to_target_space(ShortcutMLP().double(), ref, lam=1e-3, init="random")
+    lin = m.layers[1]
+    with parametrize.cached(), torch.no_grad():
+        first = lin.weight
+        lin.parametrizations.weight.original.add_(0.1)  # would realise again outside cached()
+        assert lin.weight is first
+    assert not torch.equal(lin.weight, first)
+    plain = lin.weight.detach().clone()
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(lin, "weight", Double(), unsafe=True)
+    torch.testing.assert_close(lin.weight, 2 * plain)
+
+
 @pytest.mark.parametrize("d_in,nbar", [(3, 20), (30, 6)], ids=["primal", "dual"])
 @pytest.mark.parametrize("trace", [True, False], ids=["graph", "hooks"])
 @pytest.mark.parametrize("lam", [1e-3, 0.0])
