@@ -358,7 +358,7 @@ def to_target_space(
             targets = sums if init == "project" else {
                 n: nn.init.trunc_normal_(torch.empty_like(s), std=target_std, a=-2 * target_std, b=2 * target_std)
                 for n, s in sums.items()}
-            _register(realiser, k, targets, positions)
+            _register(realiser, k, {n: adapter.target_layout(t) for n, t in targets.items()}, positions)
         model.__dict__[REALISER_ATTR] = realiser
         # before a layer's own hook; with kwargs, so that a call with keyword arguments is seen as such
         model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True, with_kwargs=True)

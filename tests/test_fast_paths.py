@@ -97,6 +97,28 @@ def test_layer_is_solved_from_the_input_it_computes_with(trace):
     torch.testing.assert_close(seen["a"], expected, rtol=1e-9, atol=1e-10)
 
 
+def test_channels_last_targets_give_the_nchw_results():
+    """New 2-D conv targets are channels_last on the CPU and the reference pass follows their layout; the
+    same targets made NCHW give the same realised weights, output and target gradients (float64)."""
+    torch.manual_seed(7)
+    ref, x = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    a = tp.to_target_space(SmallCNN().double().eval(), ref, lam=1e-2, init="random")
+    convs = [m for m in a.modules() if isinstance(m, nn.Conv2d)]
+    targets = [m.parametrizations.weight.original for m in convs]
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in targets)
+    b = copy.deepcopy(a)
+    for m in b.modules():
+        if isinstance(m, nn.Conv2d):
+            t = m.parametrizations.weight.original
+            t.data = t.data.contiguous()
+    for ma, mb in zip(a.modules(), b.modules()):
+        if isinstance(ma, nn.Conv2d):
+            torch.testing.assert_close(ma.weight, mb.weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-10, atol=1e-12)
+    for ga, gb in zip(_step_grads(a, x), _step_grads(b, x)):
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-11)
+
+
 def test_weight_reads_honour_parametrize_cached_and_chained_parametrizations():
     """``layer.weight`` skips parametrize's getter for speed, except under ``parametrize.cached()`` (one
     evaluation per tensor) and when another parametrization is chained after ours."""
