@@ -360,7 +360,7 @@ def to_target_space(
                 for n, s in sums.items()}
             _register(realiser, k, {n: adapter.target_layout(t) for n, t in targets.items()}, positions)
         model.__dict__[REALISER_ATTR] = realiser
-        # before a layer's own hook; with kwargs, so that a call with keyword arguments is seen as such
+        # before any user hook on the root; with kwargs, so that a call with keyword arguments is seen as such
         model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True, with_kwargs=True)
         model.register_forward_hook(realiser.root_post_hook, always_call=True, with_kwargs=True)
         if init == "random":

@@ -20,7 +20,8 @@ from conftest import ShortcutMLP, SmallCNN
 
 
 def _pair(make, ref, **kw):
-    """The same model converted twice, with the fx reference graph and with hooks only."""
+    """The same model converted twice, with the fx reference graph and without (trace=False: every layer is
+    solved by its own forward)."""
     torch.manual_seed(0)
     a = make().double()
     b = copy.deepcopy(a)
