@@ -6,6 +6,7 @@ One command runs every configuration and prints one table (see benchmarks/README
     .venv/bin/python benchmarks/bench.py --device cuda         # on a GPU
     .venv/bin/python benchmarks/bench.py --configs spirals,cnn --steps 40
     .venv/bin/python benchmarks/bench.py --quick               # a smoke test (seconds per configuration)
+    .venv/bin/python benchmarks/bench.py --repeats 3           # each configuration in 3 processes
 
 For each configuration the weight-space model and its target-space twin (``tp.to_target_space(...,
 init="random")``) live in ONE process and are stepped INTERLEAVED, one weight-space step and one
@@ -492,6 +493,33 @@ def run_config(cfg: Config, args, device) -> dict:
     return row
 
 
+def repeat_in_fresh_processes(row: dict, args) -> None:
+    """Measure ``row``'s configuration ``args.repeats - 1`` more times, each in a fresh process with the same
+    settings (no memory, no profile), and add every process's median ratio to the row:
+    ``process_ratios`` (this process first), their median ``ratio_processes`` and ``process_floor_ratios``."""
+    import tempfile
+
+    ratios, floors = [row["ratio"]], [row.get("floor_ratio")]
+    for _ in range(args.repeats - 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--configs", row["config"], "--no-memory",
+                   "--out", tmp, "--threads", str(args.threads), "--device", args.device, "--budget",
+                   str(args.budget), "--max-positions", str(args.max_positions), "--seed", str(args.seed)]
+            cmd += [flag for flag, on in (("--quick", args.quick), ("--no-floor", args.no_floor)) if on]
+            cmd += [x for opt, v in (("--steps", args.steps), ("--warmup", args.warmup)) if v is not None
+                    for x in (opt, str(v))]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            files = list(Path(tmp).glob("*.json"))
+            if proc.returncode or len(files) != 1:
+                row.setdefault("repeat_errors", []).append((proc.stdout + proc.stderr)[-2000:])
+                continue
+            other = json.loads(files[0].read_text())["rows"][0]
+        if other.get("status") == "ok":
+            ratios.append(other["ratio"])
+            floors.append(other.get("floor_ratio"))
+    row.update(process_ratios=ratios, ratio_processes=statistics.median(ratios), process_floor_ratios=floors)
+
+
 def profile_target_step(setup: Setup, mode: str, device, rows: int) -> str:
     """torch.profiler table (top ops by self time) of one target-space step, after one warm step."""
     from torch.profiler import ProfilerActivity, profile
@@ -546,14 +574,20 @@ def _fmt(x, spec, empty="—"):
     return empty if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def _processes(r) -> str:
+    """``median× [min–max]`` of the per-process ratios (``--repeats``), else empty."""
+    xs = r.get("process_ratios")
+    return f"{statistics.median(xs):.2f}× [{min(xs):.2f}–{max(xs):.2f}]" if xs and len(xs) > 1 else ""
+
+
 def table(rows) -> str:
-    head = ["config", "n", "n̄", "λ", "pairs", "W ms", "T ms", "T/W", "IQR", "floor", "paper", "goal", "W MB",
-            "T MB", "mem T/W", "mem goal"]
+    head = ["config", "n", "n̄", "λ", "pairs", "W ms", "T ms", "T/W", "IQR", "processes", "floor", "paper", "goal",
+            "W MB", "T MB", "mem T/W", "mem goal"]
     lines = []
     for r in rows:
         if r.get("status") != "ok":
             lines.append([r["config"], str(r.get("n", "")), str(r.get("nbar", "")), _fmt(r.get("lam"), "g"),
-                          "", "", "", r.get("status", "error").split(" (")[0], "", "", r.get("paper", ""),
+                          "", "", "", r.get("status", "error").split(" (")[0], "", "", "", r.get("paper", ""),
                           _fmt(r.get("goal_ratio"), ".2f").join(["≤", "×"]) if r.get("goal_ratio") else "",
                           "", "", "", ""])
             continue
@@ -561,7 +595,7 @@ def table(rows) -> str:
             r["config"] + (" (eval fwd)" if r["mode"] == "eval" else ""), str(r["n"]), r["nbar"],
             _fmt(r["lam"], "g"), str(r["pairs"]),
             _fmt(r["weight_median_s"] * 1e3, ".2f"), _fmt(r["target_median_s"] * 1e3, ".2f"),
-            _fmt(r["ratio"], ".2f") + "×", f"{r['ratio_p25']:.2f}–{r['ratio_p75']:.2f}",
+            _fmt(r["ratio"], ".2f") + "×", f"{r['ratio_p25']:.2f}–{r['ratio_p75']:.2f}", _processes(r),
             _fmt(r.get("floor_ratio"), ".2f") + ("×" if r.get("floor_ratio") else ""), r["paper"], f"≤{r['goal_ratio']:.2f}×" if r["goal_ratio"] else "",
             _fmt(r.get("weight_peak_mb"), ".1f"), _fmt(r.get("target_peak_mb"), ".1f"),
             _fmt(r.get("mem_ratio"), ".2f") + ("×" if r.get("mem_ratio") else ""),
@@ -596,6 +630,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default="",
                    help="comma-separated configs: also print a torch.profiler table of one target-space step")
     p.add_argument("--profile-rows", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure each training configuration this many times, each repeat after the first in a "
+                        "fresh process (the ratio moves by up to 10%% from process to process on a shared "
+                        "machine); the table then adds the median and range of the per-process ratios")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the JSON")
     args = p.parse_args(argv)
@@ -624,10 +662,14 @@ def main(argv=None) -> int:
             row = {"config": name, "status": f"error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                    "traceback": traceback.format_exc(), "n": cfg.n, "nbar": cfg.nbar, "lam": cfg.lam,
                    "paper": cfg.paper, "goal_ratio": cfg.goal}
+        if row.get("status") == "ok" and args.repeats > 1 and row.get("mode") == "train":
+            repeat_in_fresh_processes(row, args)
         rows.append(row)
         if row.get("status") == "ok":
             msg = (f"{row['ratio']:.2f}× (IQR {row['ratio_p25']:.2f}–{row['ratio_p75']:.2f}) over "
-                   f"{row['pairs']} pairs" + (f"; floor {row['floor_ratio']:.2f}×" if "floor_ratio" in row else ""))
+                   f"{row['pairs']} pairs" + (f"; floor {row['floor_ratio']:.2f}×" if "floor_ratio" in row else "")
+                   + (f"; {len(row['process_ratios'])} processes: " + ", ".join(
+                       f"{r:.2f}×" for r in row["process_ratios"]) if "process_ratios" in row else ""))
         else:
             msg = row.get("status")
         print(f"# {name}: {msg} [{time.perf_counter() - t0:.0f} s]", flush=True)
@@ -638,7 +680,7 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     print(f"\nT/W: median of per-pair ratios (target-space step / weight-space step), IQR = 25th–75th "
-          f"percentile of those ratios. floor: the same for a weight-space step that also forwards and "
+          f"percentile of those ratios; processes (--repeats): median [range] of T/W over fresh processes. floor: the same for a weight-space step that also forwards and "
           f"backpropagates the reference batch (the physical floor). Memory: peak per model in isolation ({'CUDA allocator' if device.type == 'cuda' else 'CPU allocator via torch.profiler'}).")
     for r in rows:
         for w in r.get("conversion_warnings", []) or []:

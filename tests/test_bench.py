@@ -29,3 +29,21 @@ def test_bench_quick(tmp_path):
         assert all(math.isfinite(r) and r > 0 for r in row["pair_ratios"])
         assert row["weight_mem"]["peak_bytes"] > 0 and row["target_mem"]["peak_bytes"] > 0
     assert "spirals" in proc.stdout and "T/W" in proc.stdout
+
+
+def test_bench_repeats_in_fresh_processes(tmp_path):
+    """--repeats 2: the configuration is measured again in a second process and both ratios are reported."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--configs", "spirals", "--repeats", "2",
+         "--no-memory", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert row["status"] == "ok" and "repeat_errors" not in row, row.get("repeat_errors")
+    ratios = row["process_ratios"]
+    assert len(ratios) == 2 and ratios[0] == row["ratio"]
+    assert all(math.isfinite(r) and r > 0 for r in ratios)
+    assert math.isclose(row["ratio_processes"], (ratios[0] + ratios[1]) / 2)
+    assert len(row["process_floor_ratios"]) == 2 and all(f > 0 for f in row["process_floor_ratios"])
+    assert "processes" in proc.stdout and f"[{min(ratios):.2f}–{max(ratios):.2f}]" in proc.stdout
