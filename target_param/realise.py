@@ -367,7 +367,7 @@ class Realiser:
             for name, t in self.targets(i).items():
                 t.copy_(sums[name])
 
-    # ---------------------------------------------------------------- hooks
+    # ---------------------------------------------------------------- calls in the reference pass; root hooks
     def _solve(self, i: int, args: tuple):
         """Realise layer i from its input on the reference batch; its output there, if the solve gives it."""
         self.calls[i] += 1
