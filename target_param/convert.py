@@ -362,6 +362,7 @@ def to_target_space(
         model.__dict__[REALISER_ATTR] = realiser
         # before any user hook on the root; with kwargs, so that a call with keyword arguments is seen as such
         model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True, with_kwargs=True)
+        model.register_forward_hook(realiser.root_done_hook, prepend=True, with_kwargs=True)  # returned: first
         model.register_forward_hook(realiser.root_post_hook, always_call=True, with_kwargs=True)
         if init == "random":
             realiser.project()

@@ -72,7 +72,7 @@ class FeedForwardAdapter(Adapter):
 
     groups = 1
     targets = ("weight",)
-    split = False  # ridge_solve returns Wᵀ as (weight rows, bias row) when the layer has a bias
+    split = False  # ridge_solve returns nn.Linear's (weight, bias) instead of Wᵀ
 
     def __init__(self, module: nn.Module):
         self.has_bias = module.bias is not None
@@ -168,11 +168,9 @@ class LinearAdapter(FeedForwardAdapter):
     split = True
 
     def assemble(self, wt, dtype):
-        """Views of ``Wᵀ`` (d, o), with the bias (o,) apart (``split``): F.linear multiplies by ``weightᵀ``,
-        which is then contiguous."""
-        w, b = wt if self.has_bias else (wt, None)
-        w = w if w.dtype == dtype else w.to(dtype)
-        return w.mT, (b if b is None or b.dtype == dtype else b.to(dtype))
+        """nn.Linear's weight (o, d) and bias (o,), as ``ridge_solve`` returns them with ``split``."""
+        w, b = wt
+        return (w if w.dtype == dtype else w.to(dtype)), (b if b is None or b.dtype == dtype else b.to(dtype))
 
 
 class ConvAdapter(FeedForwardAdapter):

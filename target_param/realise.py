@@ -26,14 +26,16 @@ When realisation happens:
     versions catch ``opt.step()`` and in-place edits) or a module changes train/eval mode;
   * reading ``layer.weight`` / ``layer.bias`` outside a forward realises first if anything is stale;
   * a grad-enabled forward on exactly the reference batch (full-batch training, X = X̄), under SCU, with
-    nothing random in the graph, returns the reference pass's own output: Algorithms 1 and 2 then share
-    one forward pass (the model's forward still runs, without a graph, for its side effects such as
-    BatchNorm's running statistics) — see ``Realiser.is_reference_call``.
+    nothing random in the graph, *is* the reference pass: Algorithms 1 and 2 then share one forward pass.
+    The model's own forward runs once, with its side effects (BatchNorm's running statistics are updated
+    once, as by any training forward), and each layer is solved as it is called (``layer_call``); see
+    ``Realiser.is_reference_call``.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -199,15 +201,14 @@ class Realiser:
         self.realisations = 0
         self.phase = IDLE
         self.depth = 0
-        self.merged = None  # the reference pass's output, returned by a forward on the reference batch
+        self.inline = False  # the root's own forward is the reference pass (see root_pre_hook)
         self.merges = 0
-        self.grad_mode = None
 
     def __getstate__(self):
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
         state = dict(self.__dict__)
         state.update(cache=None, cache_has_graph=False, pending=None, capture=None, key=None, phase=IDLE, depth=0,
-                     solves=None, merged=None, grad_mode=None)
+                     solves=None, inline=False)
         return state
 
     def _reference_graph(self, gm: nn.Module) -> nn.Module:
@@ -253,14 +254,11 @@ class Realiser:
             self.realise()
 
     # ---------------------------------------------------------------- Algorithm 2
-    def realise(self, keep_output: bool = False) -> None:
-        """Run the reference pass once and replace every layer's realised weights (transactionally);
-        ``keep_output``: keep the pass's output in ``self.merged`` (see :meth:`root_pre_hook`)."""
-        prev, self.phase, self.merged = self.phase, REFERENCE, None
-        n = len(self.layers)
-        self.pending, self.calls, self.order = [None] * n, [0] * n, []
-        inputs = self.reference_inputs()
-        self.solves = Solves(self.lam, self.careful, tuple(t for t in inputs if isinstance(t, Tensor)))
+    def realise(self) -> object:
+        """Run the reference pass once and replace every layer's realised weights (transactionally); returns
+        the pass's output (the model's output on the reference batch)."""
+        prev, self.phase = self.phase, REFERENCE
+        inputs = self._begin()
         try:
             try:
                 modules = list(self.root.modules())  # one walk of the tree per realisation
@@ -273,7 +271,7 @@ class Realiser:
             except Exception as e:
                 if self._retry_carefully():
                     self.phase = prev
-                    return self.realise(keep_output)
+                    return self.realise()
                 raise ReferenceBatchError(
                     "The model's forward raised on the reference batch during realisation; the realised "
                     "weights and the targets are unchanged.",
@@ -282,33 +280,52 @@ class Realiser:
                     training=self.root.training,
                     error=f"{type(e).__name__}: {e}",
                 ) from e
-            for layer, calls in zip(self.layers, self.calls):
-                if calls == 0:
-                    raise ReferenceBatchError(
-                        f"Layer '{layer.name}' did not run on the reference batch, so its weights cannot be "
-                        "realised.",
-                        "Keep the reference path through every converted layer, or exclude the layer.",
-                        layer=layer.name,
-                    )
-            if self._check(self.pending):
+            if self._finish(modules):
                 self.phase = prev
-                return self.realise(keep_output)
-            self.cache, self.cache_has_graph = self.pending, False
-            graph = [t for tensors in self.cache for t in tensors.values() if t.requires_grad]
-            if graph:
-                # A backward through these frees their graph: the next read that needs one realises again.
-                # (A hook on each tensor's node: half the cost of Tensor.register_hook.)
-                self.cache_has_graph = True
-                for t in graph:
-                    if t.grad_fn is None:
-                        t.register_hook(self._graph_used)
-                    else:
-                        t.grad_fn.register_prehook(self._graph_used)
+                return self.realise()
         finally:
             self.phase, self.pending, self.solves = prev, None, None
+        return out
+
+    def _begin(self) -> tuple:
+        """Start a reference pass: no layer solved yet; the reference inputs."""
+        n = len(self.layers)
+        self.pending, self.calls, self.order = [None] * n, [0] * n, []
+        inputs = self.reference_inputs()
+        self.solves = Solves(self.lam, self.careful, tuple(t for t in inputs if isinstance(t, Tensor)))
+        return inputs
+
+    def _finish(self, modules: list) -> bool:
+        """End a reference pass: True to repeat it carefully (a deferred factorisation failed); else the
+        solved weights become the realised ones. Raises when a layer did not run or a weight is not finite."""
+        for layer, calls in zip(self.layers, self.calls):
+            if calls == 0:
+                raise ReferenceBatchError(
+                    f"Layer '{layer.name}' did not run on the reference batch, so its weights cannot be "
+                    "realised.",
+                    "Keep the reference path through every converted layer, or exclude the layer.",
+                    layer=layer.name,
+                )
+        if self._check(self.pending):
+            return True
+        self.cache, self.cache_has_graph = self.pending, False
+        graph = [t for tensors in self.cache for t in tensors.values() if t.requires_grad]
+        if graph:
+            # A backward through these frees their graph: the next read that needs one realises again.
+            # (A hook on each tensor's node, once per node: a Linear's weight and bias share theirs;
+            # half the cost of Tensor.register_hook.)
+            self.cache_has_graph = True
+            nodes = {}
+            for t in graph:
+                if t.grad_fn is None:
+                    t.register_hook(self._graph_used)
+                else:
+                    nodes[id(t.grad_fn)] = t.grad_fn
+            for node in nodes.values():
+                node.register_prehook(self._graph_used)
         self.key = self.state_key(modules)
         self.realisations += 1
-        self.merged = out if keep_output else None
+        return False
 
     def _retry_carefully(self) -> bool:
         """Whether a deferred factorisation failed: then every later pass is careful (see Solves)."""
@@ -320,11 +337,15 @@ class Realiser:
 
     def _check(self, realised: list) -> bool:
         """One synchronisation: True to repeat the pass carefully; raises when a weight is not finite."""
-        tensors = [t.detach() for r in realised for t in r.values()]
-        flag = ~torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
-        failed = None if self.careful else self.solves.failed()
-        if not bool(flag if failed is None else flag | failed):
-            return False
+        with torch.no_grad():  # (no_grad does not stop forward-mode AD: under torch.func, detached copies)
+            detach = plain_autograd()
+            tensors = [t.detach() if detach else t for r in realised for t in r.values()]
+            total = torch.stack(torch._foreach_norm(tensors)).sum()  # finite iff every weight is (or overflow)
+            failed = None if self.careful else self.solves.failed()
+            if failed is not None:
+                total = total.masked_fill(failed, math.inf)  # one synchronisation for both checks
+            if math.isfinite(total.item()):
+                return False
         if self._retry_carefully():
             return True
         if not all(bool(torch.isfinite(t).all()) for t in tensors):  # not only a norm that overflowed
@@ -406,43 +427,67 @@ class Realiser:
         return self._passed_on(i, args, base(module, *args, **kwargs) if solved is None else solved)
 
     def root_pre_hook(self, module: nn.Module, args, kwargs):
-        if self.phase == FORWARD:
-            self.depth += 1
         if self.phase != IDLE:
+            if self.phase == FORWARD or self.inline:
+                self.depth += 1  # the root called inside its own forward
             return None
+        self.depth = 0
         if self.needs_graph():
-            self.realise(keep_output=self.is_reference_call(args, kwargs))
+            if self.is_reference_call(args, kwargs):
+                # Full-batch training, X = X̄: the forward about to run is the reference pass (Algorithms 1
+                # and 2 share one forward pass); root_done_hook ends it.
+                self._begin()
+                self.phase, self.inline = REFERENCE, True
+                return None
+            self.realise()
         else:
             self.ensure_fresh()
-        self.phase, self.depth = FORWARD, 0
-        if self.merged is not None:
-            # The forward's output on the reference batch is the reference pass's (Algorithms 1 and 2 share
-            # their forward pass when X = X̄): return that, and run the model's own forward without a graph.
-            self.grad_mode = torch.is_grad_enabled()
-            torch.set_grad_enabled(False)
+        self.phase = FORWARD
         return None
 
+    def root_done_hook(self, module: nn.Module, args, kwargs, output):
+        """The root's forward returned (not called when it raised); the first of its forward hooks. Ends an
+        inline reference pass, so that later forward hooks see an ordinary forward."""
+        if not self.inline or self.depth:
+            return None
+        self.inline = False
+        try:
+            try:
+                repeat = self._finish(list(self.root.modules()))
+            except SolveError as e:
+                raise (self._diagnose(self.pending) or e) from None
+        except BaseException:
+            self.phase, self.pending, self.solves = IDLE, None, None
+            raise
+        self.phase, self.pending, self.solves = IDLE, None, None
+        if repeat:
+            output = self.realise()  # carefully, by the graph: the forward's output with those weights
+        self.merges += 1
+        self.phase = FORWARD
+        return output if repeat else None
+
     def root_post_hook(self, module: nn.Module, args, kwargs, output):
-        if self.phase != FORWARD:
+        """The last of the root's forward hooks, whether the forward returned or raised (``always_call``)."""
+        if self.phase != FORWARD and not self.inline:
             return None
         if self.depth:
             self.depth -= 1
             return None
-        self.phase = IDLE
-        if self.grad_mode is None:
-            return None
-        torch.set_grad_enabled(self.grad_mode)
-        merged, self.merged, self.grad_mode = self.merged, None, None
-        self.merges += 1
-        return merged
+        if self.inline:  # the forward raised during an inline reference pass: nothing was realised
+            self.inline = False
+            if not self.careful:
+                self._retry_carefully()  # a failed factor makes later passes careful
+        self.phase, self.pending, self.solves = IDLE, None, None
+        return None
 
     def is_reference_call(self, args: tuple, kwargs: dict) -> bool:
-        """Whether the root is called on exactly its reference batch, with SCU, on the fx graph, and
-        nothing random runs: the training forward (Algorithm 1) then equals the reference pass (Algorithm 2)
-        and the pass's output serves as the forward's, with the same gradient (section 2.3, X = X̄)."""
+        """Whether the root is called on exactly its reference batch, with SCU, nothing random in its fx
+        graph, and no other hook that could change what its forward sees: the training forward (Algorithm 1)
+        then equals the reference pass (Algorithm 2) as a function of the targets, so one forward serves as
+        both, with the same gradient (section 2.3, X = X̄)."""
         if kwargs or self.cascade != "sequential" or self.graph_module is None or self.random is None \
-                or len(args) != len(self.reference):
-            return False
+                or len(args) != len(self.reference) or len(self.root._forward_pre_hooks) > 1 or _global_hooks():
+            return False  # (a later forward pre-hook of the root could change the input the forward sees)
         if any(m.training and getattr(m, "p", 1.0) > 0 for m in self.random):
             return False
         for arg, (name, value) in zip(args, self.reference):  # the cheap checks first: no pass over the input

@@ -31,7 +31,10 @@ __all__ = ["ridge_solve", "with_ones", "solve_dtype", "uses_dual", "factor_gram"
 
 def solve_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32 and at least the model's dtype (a float64 model solves in float64)."""
-    return torch.promote_types(dtype, torch.float32)
+    return dtype if dtype in _SOLVE_DTYPES else torch.promote_types(dtype, torch.float32)
+
+
+_SOLVE_DTYPES = (torch.float32, torch.float64)  # their own solve dtype (no dispatched promote_types call)
 
 
 def uses_dual(rows: int, cols: int) -> bool:
@@ -97,26 +100,38 @@ class FactorCache:
     The first converted layer's input is the fixed reference batch, so its Gram and Cholesky factor are
     computed once: an entry ``("factor", ...)``; a fixed layer in the dual form keeps its projections
     instead, ``("projections", (P, Q))`` (see ``Solves.projections``). An input that needs no gradient is
-    compared with the stored copy (``torch.equal``, one pass over the input, against the Gram's d passes);
-    any change (a new reference batch, dropout, a frozen layer edited, a device or dtype move) recomputes.
+    compared with the stored copy (``torch.equal``, one pass over the input, against the Gram's d passes),
+    unless it is the very tensor compared before, at the same in-place version and storage; any change (a new reference batch, dropout, a frozen layer edited, a device or dtype move) recomputes.
     """
 
     def __init__(self):
         self.input: Tensor | None = None
         self.entry: tuple | None = None
+        self.source: tuple | None = None
 
     def lookup(self, x: Tensor):
-        if x.requires_grad or self.input is None or self.input.shape != x.shape or self.input.dtype != x.dtype \
-                or self.input.device != x.device or not torch.equal(self.input, x):
+        if x.requires_grad or self.input is None:
             return None
+        if self.source is not None and self.source[0] is x and self.source[1:] == _version(x):
+            return self.entry  # the very tensor compared or stored before, unchanged since
+        if self.input.shape != x.shape or self.input.dtype != x.dtype or self.input.device != x.device \
+                or not torch.equal(self.input, x):
+            return None
+        self.source = (x, *_version(x))
         return self.entry
 
     def store(self, x: Tensor, entry: tuple) -> None:
         if not x.requires_grad:
-            self.input, self.entry = x.detach().clone(), entry
+            self.input, self.entry, self.source = x.detach().clone(), entry, (x, *_version(x))
 
     def __deepcopy__(self, memo):
         return FactorCache()  # a cache, not state
+
+
+def _version(x: Tensor) -> tuple:
+    """The in-place version and storage of ``x``: unchanged, its values are too (an in-place change bumps
+    ``_version``; a ``.data`` assignment moves the storage)."""
+    return x._version, x.data_ptr()
 
 
 class Solves:
@@ -216,9 +231,14 @@ SYNC_FREE_DEVICES = {"cuda"}
 
 
 def _inverse_from_upper(u: Tensor) -> Tensor:
-    """``K⁻¹ = U⁻¹U⁻ᵀ`` from the upper Cholesky factor of ``K = UᵀU``."""
+    """``K⁻¹ = U⁻¹U⁻ᵀ`` from the upper Cholesky factor of ``K = UᵀU``. A failed factor gives non-finite
+    values, never an exception (the pass goes on to its one check, which repeats it carefully; a pass that is
+    the model's own forward cannot be interrupted cleanly)."""
     if u.device.type not in SYNC_FREE_DEVICES:
-        return torch.cholesky_inverse(u, upper=True)
+        try:
+            return torch.cholesky_inverse(u, upper=True)
+        except torch.linalg.LinAlgError:  # LAPACK's check of a failed factor: the algebra below, unchecked
+            pass
     eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device).expand_as(u)
     ui = torch.linalg.solve_triangular(u, eye, upper=True)
     return _mm(ui, ui.mT)
@@ -287,7 +307,7 @@ class _Ridge(torch.autograd.Function):
             ctx.fixed = True
             w = _mm(p, y)
             ctx.save_for_backward(key, y, w, p, q)
-            return _outputs(ctx.split, w, (y - _mm(q, y)) if sums else w.new_empty(0))
+            return _outputs(ctx.split, w, (y - _mm(q, y)) if sums else w.new_empty(0), ones)
         if ones:  # the bias row of eq. 2a, outside the autograd graph
             x = with_ones(x)
         xt = x.mT
@@ -297,21 +317,22 @@ class _Ridge(torch.autograd.Function):
             m = solve_with(y, factor, ctx.inverse)
             w = _mm(xt, m)
             s = y - ctx.shift * m
-            ctx.save_for_backward(key, y, w, factor, m)
+            ctx.save_for_backward(key, y, w, factor, m, *((x,) if ones else ()))
         else:
             factor, ctx.shift, ctx.inverse = solves.factor(lambda: _mm(xt, x), layer, key, cache, y.shape[-1])
             w = solve_with(_mm(xt, y), factor, ctx.inverse)
             s = _mm(x, w) if sums else w.new_empty(0)
-            ctx.save_for_backward(key, y, w, factor, s)
-        return _outputs(ctx.split, w, s)
+            # x with its ones column too: the backward's products need it (and need not build it again)
+            ctx.save_for_backward(key, y, w, factor, s, *((x,) if ones else ()))
+        return _outputs(ctx.split, w, s, ones)
 
     @staticmethod
     def backward(ctx, *grads):
-        x0, y, w, factor, extra = ctx.saved_tensors
-        gw, gs = (_join(*grads[:2], w), grads[2]) if ctx.split else grads
+        x0, y, w, factor, extra, *kept = ctx.saved_tensors
+        gw, gs = _unsplit(ctx.ones, grads, w) if ctx.split else grads
         x = x0
         if ctx.ones and (torch.is_grad_enabled() or not ctx.fixed):  # the fixed path below needs no x
-            x = with_ones(x0)
+            x = with_ones(x0) if torch.is_grad_enabled() or not kept else kept[0]
         need_x, need_y = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain formula instead
             inputs = [t for t, need in ((x0, need_x), (y, need_y)) if need]
@@ -337,9 +358,9 @@ class _Ridge(torch.autograd.Function):
             v = solve_with(r, factor, ctx.inverse)
             gy = v if gs is None else v + gs
             if need_x:  # only the columns of x0 (the ones column needs no gradient)
-                wx = w[..., :-1, :] if ctx.ones else w
+                wx = _rows(w) if ctx.ones else w
                 vx = _mm(v.mT, x0)
-                gx = -_mm(m, vx) if gw is None else _mm(m, (gw[..., :-1, :] if ctx.ones else gw).mT - vx)
+                gx = -_mm(m, vx) if gw is None else _mm(m, (_rows(gw) if ctx.ones else gw).mT - vx)
                 gx = _addmm_(gx, v, wx.mT, alpha=-1.0)
         else:
             s = extra if ctx.sums else _mm(x, w)
@@ -350,7 +371,7 @@ class _Ridge(torch.autograd.Function):
             z = solve_with(g, factor, ctx.inverse)
             gy = _mm(x, z)
             if need_x:
-                wx, zx = (w[..., :-1, :], z[..., :-1, :]) if ctx.ones else (w, z)
+                wx, zx = (_rows(w), _rows(z)) if ctx.ones else (w, z)
                 gx = _addmm_(_mm((gs - gy) if gs is not None else -gy, wx.mT), y - s, zx.mT)
         return gx, (gy if need_y else None), *_NONE
 
@@ -358,11 +379,27 @@ class _Ridge(torch.autograd.Function):
 _NONE = (None,) * 7  # the gradients of _Ridge's non-tensor arguments
 
 
-def _outputs(split: bool, w: Tensor, s: Tensor) -> tuple:
-    """``(W, S)``, or with ``split`` ``(W's weight rows, its bias row, S)``: separate outputs, so that a Linear
-    layer's weight and bias are not views of one tensor, whose backward would build two zero-filled
-    W-sized gradients and add them."""
-    return (w[..., :-1, :], w[..., -1, :], s) if split else (w, s)
+def _outputs(split: bool, w: Tensor, s: Tensor, ones: bool = True) -> tuple:
+    """``(Wᵀ, S)``, or with ``split`` nn.Linear's own ``(weight (o, d), bias (o,), S)`` (no bias without
+    ``ones``): separate outputs of one autograd node, so that a Linear layer's weight and bias are not views
+    of one tensor (whose backward would build two zero-filled W-sized gradients and add them), and its weight
+    needs no transpose, and no autograd node of its own, after the solve."""
+    if not split:
+        return w, s
+    return (_rows(w).mT, w.select(-2, -1), s) if ones else (w.mT, s)
+
+
+def _unsplit(ones: bool, grads: tuple, w: Tensor) -> tuple:
+    """``(dL/dWᵀ, dL/dS)`` from the gradients of ``_outputs(split=True)``."""
+    if not ones:
+        return (None if grads[0] is None else grads[0].mT), grads[1]
+    gm, gb, gs = grads
+    return _join(None if gm is None else gm.mT, gb, w), gs
+
+
+def _rows(w: Tensor) -> Tensor:
+    """The weight rows of ``Wᵀ`` (..., d + 1, o), without the bias row (one ``narrow``, no indexing)."""
+    return w.narrow(-2, 0, w.shape[-2] - 1)
 
 
 def _join(gm: Tensor | None, gb: Tensor | None, w: Tensor) -> Tensor | None:
@@ -370,15 +407,15 @@ def _join(gm: Tensor | None, gb: Tensor | None, w: Tensor) -> Tensor | None:
     if gm is None and gb is None:
         return None
     if gm is None:
-        gm = w.new_zeros(w[..., :-1, :].shape)
+        gm = w.new_zeros(_rows(w).shape)
     if gb is None:
-        gb = w.new_zeros(w[..., -1, :].shape)
+        gb = w.new_zeros(w.select(-2, -1).shape)
     return torch.cat([gm, gb.unsqueeze(-2)], -2)
 
 
 def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
                 cache: FactorCache | None = None, sums: bool = True, ones: bool = False,
-                fixed: bool = False, split: bool = False) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor]:
+                fixed: bool = False, split: bool = False) -> tuple[Tensor | tuple[Tensor, Tensor | None], Tensor]:
     """``argmin_W ||x W − y||² + λ||W||²`` for each leading (group) index, and ``S = x W``.
 
     Args:
@@ -391,7 +428,7 @@ def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
         ones: append the column of ones of eq. 2a (the bias) to x; W then has d + 1 rows, the last the bias.
         fixed: x is the reference batch itself (``Solves.is_fixed``): in the dual form, solve by the
             precomputed projections of ``Solves.projections``.
-        split: with ``ones``, return ``Wᵀ`` as the pair (weight rows (d, o), bias (o,)), two autograd outputs.
+        split: return nn.Linear's ``(weight (o, d), bias (o,) or None)`` in place of ``Wᵀ`` (no group index).
 
     Returns:
         ``Wᵀ`` ([G,] d [+1], o) and ``S`` ([G,] N, o) in the dtype ``solve_dtype(x.dtype)``; differentiable in
@@ -404,14 +441,15 @@ def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
         x = x.to(dtype)
     if y.dtype != dtype:
         y = y.to(dtype)
-    split = split and ones
     if plain_autograd():
         x = with_ones(x) if ones else x
         w = ridge_autograd(x, y, solves.lam, layer)
-        out = _outputs(split, w, x @ w if sums else w.new_empty(0))
+        out = _outputs(split, w, x @ w if sums else w.new_empty(0), ones)
     else:
         out = _Ridge.apply(x, y, solves, layer, cache, sums, ones, fixed, split)
-    return (out[:2], out[2]) if split else out
+    if split:
+        return ((out[0], out[1]), out[2]) if ones else ((out[0], None), out[1])
+    return out
 
 
 def with_ones(x: Tensor) -> Tensor:

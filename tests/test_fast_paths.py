@@ -419,27 +419,85 @@ def test_reference_pass_is_not_reused_when_the_forward_differs(case):
         assert r.merges == 1
 
 
-def test_reused_reference_pass_restores_grad_mode_when_the_forward_raises():
-    class Raising(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc, self.boom = nn.Linear(3, 2), False
+class _Counting(nn.Module):
+    """Counts its forwards (a Python side effect that no fx graph records); raises on demand."""
 
-        def forward(self, x):
-            if self.boom and not torch.is_grad_enabled():  # raises in the graph-free forward only
-                raise RuntimeError("boom")
-            return self.fc(x)
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.forwards, self.boom = nn.Linear(3, 4), nn.Linear(4, 2), 0, False
 
+    def forward(self, x):
+        self.forwards += 1
+        h = torch.tanh(self.fc1(x))
+        if self.boom:
+            raise RuntimeError("boom")
+        return self.fc2(h)
+
+
+def test_forward_on_the_reference_batch_runs_the_model_once():
+    """X = X̄: the model's own forward is the reference pass, so it runs exactly once per call (its Python
+    side effects happen once, as in weight space); on any other input it runs once too (the reference
+    pass then runs the fx graph)."""
     ref = torch.randn(10, 3)
-    model = tp.to_target_space(Raising(), ref)
+    model = tp.to_target_space(_Counting(), ref)
+    r = realisers(model)[0]
+    for x, merged in ((ref, 1), (ref + 1, 0), (ref.clone(), 1)):
+        before, merges = model.forwards, r.merges
+        model(x).sum().backward()
+        assert model.forwards - before == 1 and r.merges - merges == merged and r.phase == "idle"
+
+
+def test_forward_on_the_reference_batch_that_raises_leaves_nothing_half_done():
+    torch.manual_seed(5)
+    ref = torch.randn(10, 3)
+    model = tp.to_target_space(_Counting(), ref)
+    r = realisers(model)[0]
+    weight = model.fc1.weight.detach().clone()
+    with torch.no_grad():
+        model.fc1.parametrizations.weight.original.add_(1.0)  # the targets changed: a realisation is due
     model.boom = True
     with pytest.raises(RuntimeError, match="boom"):
         model(ref)
-    assert torch.is_grad_enabled() and realisers(model)[0].phase == "idle"
+    assert r.phase == "idle" and not r.inline and r.pending is None and r.solves is None
+    assert torch.is_grad_enabled()
     model.boom = False
-    before = realisers(model)[0].merges
-    model(ref).sum().backward()
-    assert model.fc.parametrizations.weight.original.grad is not None and realisers(model)[0].merges == before + 1
+    before = r.merges
+    model(ref).sum().backward()  # works, and realises from the changed targets
+    assert model.fc1.parametrizations.weight.original.grad is not None and r.merges == before + 1
+    assert not torch.allclose(model.fc1.weight, weight)
+
+
+def test_forward_on_the_reference_batch_repeats_carefully_after_a_failed_factor():
+    """A Cholesky failure found at the end of a forward that was the reference pass: the pass is repeated
+    carefully (float64, a warning), and the forward returns that pass's output, with its gradient."""
+    torch.manual_seed(7)
+    ref = torch.randn(20, 3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    tp.to_target_space(model, ref, lam=0.0)
+    r = realisers(model)[0]
+    assert not r.careful
+    with torch.no_grad():  # zero targets: zero weights, a zero input of the second layer, a singular Gram
+        model[0].parametrizations.weight.original.zero_()
+    merges = r.merges
+    with pytest.warns(tp.IllConditionedWarning, match="'2'"):
+        out = model(ref)
+    assert r.careful and r.merges == merges + 1 and r.phase == "idle"
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(ref.clone()))  # the realised weights' own output
+
+
+def test_forward_on_the_reference_batch_is_not_merged_under_a_root_pre_hook():
+    """A forward pre-hook of the root (registered after conversion) may change the input the forward sees,
+    so the forward is not taken as the reference pass; the output is the pre-hook's input's."""
+    ref = torch.randn(10, 3, dtype=torch.float64)
+    model = tp.to_target_space(_Counting().double(), ref)
+    r = realisers(model)[0]
+    model.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    out = model(ref)
+    assert r.merges == 0
+    torch.testing.assert_close(out, model.fc2(torch.tanh(model.fc1(2 * ref))))
 
 
 def _dual_first_layer_mlp(seed=6):

@@ -144,7 +144,7 @@ def test_gradcheck_ridge_solve(form, used, split):
         solves = solver.Solves(lam, fixed=(x,) if form == "fixed-dual" else ())
         wt, s = solver.ridge_solve(x, y, solves, "l", solver.FactorCache(), ones=True,
                                    fixed=solves.is_fixed(x), split=split)
-        w, b = wt if split else (wt[:-1], wt[-1])
+        w, b = (wt[0].mT, wt[1]) if split else (wt[:-1], wt[-1])  # split: nn.Linear's (weight, bias)
         return {"all": (w, b, s), "weight": (w,), "bias": (b,), "sums": (s,)}[used]
 
     one = torch.cat([x, torch.ones(n, 1, dtype=DT)], 1)
@@ -156,3 +156,25 @@ def test_gradcheck_ridge_solve(form, used, split):
         torch.testing.assert_close(s, one @ ref, rtol=1e-10, atol=1e-12)
     inputs = (x, y) if x.requires_grad else (y,)
     assert gradcheck(lambda *a: f(*(a if x.requires_grad else (x, *a))), inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_gradcheck_ridge_solve_split_without_bias(form):
+    """``split`` without the bias column: nn.Linear's weight (o, d) alone, against plain autograd and
+    central differences (weight and sums used together, and each alone)."""
+    from target_param import solver
+
+    gen = torch.Generator().manual_seed(12)
+    n, d = (9, 3) if form == "primal" else (4, 6)
+    x = torch.randn(n, d, generator=gen, dtype=DT, requires_grad=True)
+    y = torch.randn(n, 2, generator=gen, dtype=DT, requires_grad=True)
+    ref = solver.ridge_autograd(x, y, 0.3, "l")
+    (w, b), s = solver.ridge_solve(x, y, solver.Solves(0.3), "l", split=True)
+    assert b is None
+    torch.testing.assert_close(w, ref.mT, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s, x @ ref, rtol=1e-10, atol=1e-12)
+    for pick in ((0, 1), (0,), (1,)):
+        def f(x, y):
+            (w, _), s = solver.ridge_solve(x, y, solver.Solves(0.3), "l", split=True)
+            return tuple((w, s)[i] for i in pick)
+        assert gradcheck(f, (x, y), eps=1e-6, atol=1e-7)
