@@ -214,6 +214,54 @@ def test_first_layer_factor_is_cached_and_follows_the_reference(monkeypatch):
     torch.testing.assert_close(m.layers[0].weight, w), torch.testing.assert_close(m.layers[0].bias, b)
 
 
+class _Plain(nn.Module):
+    """The reference batch goes straight into the first layer (its cached factor keys on that very tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(2, 3), nn.Linear(3, 2)])
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))
+
+
+def test_cached_factor_of_the_reference_tensor_itself_notices_in_place_changes(monkeypatch):
+    ref, x = torch.randn(30, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    m = _Plain().double()
+    tp.to_target_space(m, ref, lam=1e-3, init="random")
+    m(x).sum().backward()  # a grad-enabled pass stores the first layer's factor
+    calls = _count_grams(monkeypatch)
+    m(x).sum().backward()
+    assert len(calls) == 1  # the second layer only: the first layer's input is the same, unchanged tensor
+    with torch.no_grad():
+        m.target_space_reference.mul_(1.5)  # in place: the same tensor, a new version
+    calls.clear()
+    m(x).sum().backward()
+    assert len(calls) == 2
+    w, b = _explicit_first_layer(m, m.target_space_reference, 1e-3)
+    torch.testing.assert_close(m.layers[0].weight, w), torch.testing.assert_close(m.layers[0].bias, b)
+
+
+def test_forward_on_a_tensor_once_equal_to_the_reference_batch_notices_in_place_changes():
+    """The identity of an input found equal to X̄ is remembered with its version: an in-place change of the
+    input or of the reference buffer is compared again."""
+    ref = torch.randn(10, 3, dtype=torch.float64)
+    model = tp.to_target_space(_Counting().double(), ref)
+    r = realisers(model)[0]
+    x = ref.clone()
+    for change, merged in ((None, 1), (None, 1), ("input", 0), ("reference", 1), ("reference", 0)):
+        with torch.no_grad():
+            if change == "input":
+                x.add_(1.0)
+            elif change == "reference":
+                model.target_space_reference.copy_(x if merged else x - 1.0)
+        merges = r.merges
+        out = model(x)
+        assert r.merges - merges == merged
+        with torch.no_grad():
+            torch.testing.assert_close(out, model.fc2(torch.tanh(model.fc1(x))))
+
+
 def test_cached_factor_not_used_when_the_first_input_changes(monkeypatch):
     """Dropout before the first converted layer: its input differs every realisation, so no cache hit."""
     torch.manual_seed(5)
