@@ -165,14 +165,17 @@ def test_sums_passed_on_equal_x_times_w(d_in, nbar, trace, lam):
 
 
 def _count_grams(monkeypatch) -> list:
+    """The shapes of the Grams formed (both ways a Gram + λI is made: added diagonal, or one addmm)."""
     calls = []
-    original = solver._add_diagonal
+    for name in ("_add_diagonal", "_shifted_gram"):
+        original = getattr(solver, name)
 
-    def counting(gram, lam):
-        calls.append(tuple(gram.shape))
-        return original(gram, lam)
+        def counting(*args, original=original):
+            out = original(*args)
+            calls.append(tuple(out.shape))
+            return out
 
-    monkeypatch.setattr(solver, "_add_diagonal", counting)
+        monkeypatch.setattr(solver, name, counting)
     return calls
 
 
