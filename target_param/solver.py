@@ -346,8 +346,11 @@ class _Ridge(torch.autograd.Function):
             factor, ctx.shift, ctx.inverse = solves.factor((xt, x), layer, key, cache, y.shape[-1])
             w = solve_with(_mm(xt, y), factor, ctx.inverse)
             s = _mm(x, w) if sums else w.new_empty(0)
-            # x with its ones column too: the backward's products need it (and need not build it again)
-            ctx.save_for_backward(key, y, w, factor, s, *((x,) if ones else ()))
+            out = _outputs(ctx.split, w, s, ones)
+            # what the backward's products take, not built again there: x with its ones column, Xᵀ, and the
+            # weight rows' transpose (with split, nn.Linear's weight: the output itself)
+            ctx.save_for_backward(key, y, w, factor, s, x, xt, out[0] if ctx.split else None)
+            return out
         return _outputs(ctx.split, w, s, ones)
 
     @staticmethod
@@ -388,15 +391,17 @@ class _Ridge(torch.autograd.Function):
                 gx = _addmm_(gx, v, wx.mT, alpha=-1.0)
         else:
             s = extra if ctx.sums else _mm(x, w)
+            xt = kept[1]
             if gs is None:
                 g = gw
             else:
-                g = _mm(x.mT, gs) if gw is None else _addmm(gw, x.mT, gs)  # Ŵ + XᵀŜ
+                g = _mm(xt, gs) if gw is None else _addmm(gw, xt, gs)  # Ŵ + XᵀŜ
             z = solve_with(g, factor, ctx.inverse)
             gy = _mm(x, z)
             if need_x:
-                wx, zx = (_rows(w), _rows(z)) if ctx.ones else (w, z)
-                gx = _addmm_(_mm((gs - gy) if gs is not None else -gy, wx.mT), y - s, zx.mT)
+                wxt = kept[2] if kept[2] is not None else (_rows(w) if ctx.ones else w).mT
+                zx = _rows(z) if ctx.ones else z
+                gx = _addmm_(_mm((gs - gy) if gs is not None else -gy, wxt), y - s, zx.mT)
         return gx, (gy if need_y else None), *_NONE
 
 
