@@ -487,6 +487,11 @@ def run_config(cfg: Config, args, device) -> dict:
         row.update(weight_mem=mw, target_mem=mt,
                    weight_peak_mb=mw["peak_bytes"] / 2**20, target_peak_mb=mt["peak_bytes"] / 2**20,
                    mem_ratio=mt["peak_bytes"] / mw["peak_bytes"] if mw["peak_bytes"] else float("nan"))
+    if not args.no_flops:
+        flops = count_flops(setup, cfg.mode, device)
+        row.update(flops=flops, flop_ratio=flops["target"] / flops["weight"] if flops["weight"] else None,
+                   floor_flop_ratio=flops["floor"] / flops["weight"] if flops.get("floor") and flops["weight"]
+                   else None)
     if cfg.name in args.profile:
         row["profile"] = profile_target_step(setup, cfg.mode, device, args.profile_rows)
     row["wall_s"] = time.perf_counter() - t_setup
@@ -502,7 +507,7 @@ def repeat_in_fresh_processes(row: dict, args) -> None:
     ratios, floors = [row["ratio"]], [row.get("floor_ratio")]
     for _ in range(args.repeats - 1):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--configs", row["config"], "--no-memory",
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--configs", row["config"], "--no-memory", "--no-flops",
                    "--out", tmp, "--threads", str(args.threads), "--device", args.device, "--budget",
                    str(args.budget), "--max-positions", str(args.max_positions), "--seed", str(args.seed)]
             cmd += [flag for flag, on in (("--quick", args.quick), ("--no-floor", args.no_floor)) if on]
@@ -518,6 +523,26 @@ def repeat_in_fresh_processes(row: dict, args) -> None:
             ratios.append(other["ratio"])
             floors.append(other.get("floor_ratio"))
     row.update(process_ratios=ratios, ratio_processes=statistics.median(ratios), process_floor_ratios=floors)
+
+
+def count_flops(setup: Setup, mode: str, device) -> dict:
+    """Floating-point operations of one step of each model (``torch.utils.flop_counter``: matrix products
+    and convolutions, forward and backward; elementwise work, pooling, LAPACK and Adam are not counted),
+    after one warm step, and the target step's count per operator. Machine-independent: the arithmetic
+    ratio T/W bounds the time ratio from below when every kernel runs at the same speed in both spaces."""
+    from torch.utils.flop_counter import FlopCounterMode
+    out = {}
+    for space in ("weight", "target") + (("floor",) if mode == "train" and setup.reference is not None else ()):
+        _, step, _ = prepare(setup, space, mode, device)
+        step(setup.batches[1 % len(setup.batches)])
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(setup.batches[0])
+        out[space] = counter.get_total_flops()
+        if space == "target":
+            out["target_by_op"] = {str(k).removeprefix("aten."): v
+                                   for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    return out
 
 
 def profile_target_step(setup: Setup, mode: str, device, rows: int) -> str:
@@ -581,13 +606,13 @@ def _processes(r) -> str:
 
 
 def table(rows) -> str:
-    head = ["config", "n", "n̄", "λ", "pairs", "W ms", "T ms", "T/W", "IQR", "processes", "floor", "paper", "goal",
-            "W MB", "T MB", "mem T/W", "mem goal"]
+    head = ["config", "n", "n̄", "λ", "pairs", "W ms", "T ms", "T/W", "IQR", "processes", "floor", "FLOPs T/W",
+            "paper", "goal", "W MB", "T MB", "mem T/W", "mem goal"]
     lines = []
     for r in rows:
         if r.get("status") != "ok":
             lines.append([r["config"], str(r.get("n", "")), str(r.get("nbar", "")), _fmt(r.get("lam"), "g"),
-                          "", "", "", r.get("status", "error").split(" (")[0], "", "", "", r.get("paper", ""),
+                          "", "", "", r.get("status", "error").split(" (")[0], "", "", "", "", r.get("paper", ""),
                           _fmt(r.get("goal_ratio"), ".2f").join(["≤", "×"]) if r.get("goal_ratio") else "",
                           "", "", "", ""])
             continue
@@ -596,7 +621,9 @@ def table(rows) -> str:
             _fmt(r["lam"], "g"), str(r["pairs"]),
             _fmt(r["weight_median_s"] * 1e3, ".2f"), _fmt(r["target_median_s"] * 1e3, ".2f"),
             _fmt(r["ratio"], ".2f") + "×", f"{r['ratio_p25']:.2f}–{r['ratio_p75']:.2f}", _processes(r),
-            _fmt(r.get("floor_ratio"), ".2f") + ("×" if r.get("floor_ratio") else ""), r["paper"], f"≤{r['goal_ratio']:.2f}×" if r["goal_ratio"] else "",
+            _fmt(r.get("floor_ratio"), ".2f") + ("×" if r.get("floor_ratio") else ""),
+            _fmt(r.get("flop_ratio"), ".2f") + ("×" if r.get("flop_ratio") else ""),
+            r["paper"], f"≤{r['goal_ratio']:.2f}×" if r["goal_ratio"] else "",
             _fmt(r.get("weight_peak_mb"), ".1f"), _fmt(r.get("target_peak_mb"), ".1f"),
             _fmt(r.get("mem_ratio"), ".2f") + ("×" if r.get("mem_ratio") else ""),
             f"≤{r['goal_mem_ratio']:.0f}×" if r["goal_mem_ratio"] else "",
@@ -627,6 +654,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-floor", action="store_true",
                    help="skip the physical floor (a weight-space step that also forwards and backpropagates "
                         "the reference batch, stepped interleaved with the other two)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (torch.utils.flop_counter)")
     p.add_argument("--profile", default="",
                    help="comma-separated configs: also print a torch.profiler table of one target-space step")
     p.add_argument("--profile-rows", type=int, default=20)
@@ -681,7 +709,7 @@ def main(argv=None) -> int:
     print(table(rows))
     print(f"\nT/W: median of per-pair ratios (target-space step / weight-space step), IQR = 25th–75th "
           f"percentile of those ratios; processes (--repeats): median [range] of T/W over fresh processes. floor: the same for a weight-space step that also forwards and "
-          f"backpropagates the reference batch (the physical floor). Memory: peak per model in isolation ({'CUDA allocator' if device.type == 'cuda' else 'CPU allocator via torch.profiler'}).")
+          f"backpropagates the reference batch (the physical floor). FLOPs T/W: the ratio of counted floating-point operations (matrix products and convolutions, torch.utils.flop_counter), the arithmetic floor of T/W. Memory: peak per model in isolation ({'CUDA allocator' if device.type == 'cuda' else 'CPU allocator via torch.profiler'}).")
     for r in rows:
         for w in r.get("conversion_warnings", []) or []:
             print(f"  note {r['config']}: {w[:110]}")

@@ -28,7 +28,17 @@ def test_bench_quick(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         assert all(math.isfinite(r) and r > 0 for r in row["pair_ratios"])
         assert row["weight_mem"]["peak_bytes"] > 0 and row["target_mem"]["peak_bytes"] > 0
-    assert "spirals" in proc.stdout and "T/W" in proc.stdout
+    # FLOPs: the weight-space mlp step counted by hand (784-128×8-10, n = 100): each Linear costs 2·n·d_in·d_out
+    # forward and again for each of its two gradients, except the input gradient of the first layer
+    sizes = [784] + [128] * 8 + [10]
+    macs = [a * b for a, b in zip(sizes, sizes[1:])]
+    assert rows["mlp"]["flops"]["weight"] == 2 * 100 * (3 * sum(macs) - macs[0])
+    for name, row in rows.items():
+        f = row["flops"]
+        assert f["target"] > f["floor"] > f["weight"] > 0, (name, f)
+        assert math.isclose(row["flop_ratio"], f["target"] / f["weight"])
+        assert sum(f["target_by_op"].values()) == f["target"]
+    assert "spirals" in proc.stdout and "T/W" in proc.stdout and "FLOPs T/W" in proc.stdout
 
 
 def test_bench_repeats_in_fresh_processes(tmp_path):
