@@ -353,7 +353,10 @@ class Realiser:
         """One synchronisation: True to repeat the pass carefully; raises when a weight is not finite."""
         with torch.no_grad():  # (no_grad does not stop forward-mode AD: under torch.func, detached copies)
             detach = plain_autograd()
-            tensors = [t.detach() if detach else t for r in realised for t in r.values()]
+            # views (a Linear's weight and bias) are checked through the one tensor they view
+            tensors = list({id(u): u for u in (t if t._base is None else t._base for r in realised
+                                               for t in r.values())}.values())
+            tensors = [t.detach() for t in tensors] if detach else tensors
             total = torch.stack(torch._foreach_norm(tensors)).sum()  # finite iff every weight is (or overflow)
             failed = None if self.careful else self.solves.failed()
             if failed is not None:
