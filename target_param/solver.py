@@ -50,7 +50,7 @@ def _add_diagonal(gram: Tensor, lam: float) -> Tensor:
 
 
 _FUSED_SHIFT_MAX = 512  # up to this size λI is kept and added by the product itself (addmm)
-_SHIFTS: dict = {}
+_SHIFTS: dict = {}  # (d, λ, dtype, device) -> λI: at most 65 of at most 1 MiB each
 
 
 def _shifted_gram(a: Tensor, b: Tensor, lam: float) -> Tensor:
@@ -62,13 +62,20 @@ def _shifted_gram(a: Tensor, b: Tensor, lam: float) -> Tensor:
         if lam != 0.0:
             k.diagonal(dim1=-2, dim2=-1).add_(lam)
         return k
-    key = (d, lam, b.dtype, b.device)
+    return _addmm(_shift_matrix(d, lam, b.dtype, b.device), a, b)
+
+
+def _shift_matrix(d: int, lam: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """λI (d × d), kept for the next call (read-only) up to d = 512."""
+    if d > _FUSED_SHIFT_MAX:
+        return torch.eye(d, dtype=dtype, device=device) * lam
+    key = (d, lam, dtype, device)
     shift = _SHIFTS.get(key)
     if shift is None:
         if len(_SHIFTS) > 64:
             _SHIFTS.clear()
-        shift = _SHIFTS[key] = torch.eye(d, dtype=b.dtype, device=b.device) * lam
-    return _addmm(shift, a, b)
+        shift = _SHIFTS[key] = torch.eye(d, dtype=dtype, device=device) * lam
+    return shift
 
 
 def factor_gram(gram: Tensor, lam: float, layer: str) -> tuple[Tensor, Tensor | float]:
@@ -123,7 +130,8 @@ class FactorCache:
     computed once: an entry ``("factor", ...)``; a fixed layer in the dual form keeps its projections
     instead, ``("projections", (P, Q))`` (see ``Solves.projections``). An input that needs no gradient is
     compared with the stored copy (``torch.equal``, one pass over the input, against the Gram's d passes),
-    unless it is the very tensor compared before, at the same in-place version and storage; any change (a new reference batch, dropout, a frozen layer edited, a device or dtype move) recomputes.
+    unless it is the very tensor compared before (held here), at the same in-place version and storage; any
+    change (a new reference batch, dropout, a frozen layer edited, a device or dtype move) recomputes.
     """
 
     def __init__(self):
@@ -254,17 +262,28 @@ def solve_with(rhs: Tensor, factor: Tensor, inverse: bool = False) -> Tensor:
 SYNC_FREE_DEVICES = {"cuda"}
 
 
+# Below this size the triangular-solve inverse beats LAPACK's cholesky_inverse on the CPU too, whose
+# column-major copies and info check cost more than the arithmetic (d = 3-18: 57-71 µs against 65-85,
+# factor included, in a cache-cold loop).
+_TRIANGULAR_INVERSE_MAX = 32
+
+
+def _identity(u: Tensor) -> Tensor:
+    """An identity like the (batch of) square matrices ``u`` (kept, as λI in ``_shifted_gram``)."""
+    eye = _shift_matrix(u.shape[-1], 1.0, u.dtype, u.device)
+    return eye if u.dim() == 2 else eye.expand_as(u)
+
+
 def _inverse_from_upper(u: Tensor) -> Tensor:
     """``K⁻¹ = U⁻¹U⁻ᵀ`` from the upper Cholesky factor of ``K = UᵀU``. A failed factor gives non-finite
     values, never an exception (the pass goes on to its one check, which repeats it carefully; a pass that is
     the model's own forward cannot be interrupted cleanly)."""
-    if u.device.type not in SYNC_FREE_DEVICES:
+    if u.device.type not in SYNC_FREE_DEVICES and u.shape[-1] > _TRIANGULAR_INVERSE_MAX:
         try:
             return torch.cholesky_inverse(u, upper=True)
         except torch.linalg.LinAlgError:  # LAPACK's check of a failed factor: the algebra below, unchecked
             pass
-    eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device).expand_as(u)
-    ui = torch.linalg.solve_triangular(u, eye, upper=True)
+    ui = torch.linalg.solve_triangular(u, _identity(u), upper=True)
     return _mm(ui, ui.mT)
 
 

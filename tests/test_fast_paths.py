@@ -518,12 +518,13 @@ def test_forward_on_the_reference_batch_that_raises_leaves_nothing_half_done():
     assert not torch.allclose(model.fc1.weight, weight)
 
 
-def test_forward_on_the_reference_batch_repeats_carefully_after_a_failed_factor():
+@pytest.mark.parametrize("width", [4, 40])  # K⁻¹ by triangular solves (d ≤ 32) or by LAPACK, which raises
+def test_forward_on_the_reference_batch_repeats_carefully_after_a_failed_factor(width):
     """A Cholesky failure found at the end of a forward that was the reference pass: the pass is repeated
     carefully (float64, a warning), and the forward returns that pass's output, with its gradient."""
     torch.manual_seed(7)
-    ref = torch.randn(20, 3)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    ref = torch.randn(100, 3)
+    model = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2))
     tp.to_target_space(model, ref, lam=0.0)
     r = realisers(model)[0]
     assert not r.careful
