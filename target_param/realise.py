@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -104,6 +105,22 @@ def _modules(root: nn.Module) -> list:
             out.append(m)
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     return out
+
+
+def _solve_alive(node, depth: int = 8) -> bool:
+    """Whether the custom-Function node nearest to ``node`` along first inputs (through at most ``depth``
+    views and copies) still holds its saved tensors (a backward without ``retain_graph`` frees them)."""
+    for _ in range(depth):
+        if node is None:
+            return False
+        if isinstance(node, BackwardCFunction):
+            try:
+                node.saved_tensors
+            except RuntimeError:
+                return False
+            return True
+        node = node.next_functions[0][0] if node.next_functions else None
+    return False
 
 
 def _global_hooks() -> bool:
@@ -204,7 +221,6 @@ class Realiser:
         self.careful = False  # set for good after a deferred check failed (see solver.Solves)
         self.solves: Solves | None = None
         self.cache: list | None = None
-        self.cache_has_graph = False
         self.pending: list | None = None
         self.calls: list[int] = []
         self.order: list[int] = []
@@ -220,7 +236,7 @@ class Realiser:
     def __getstate__(self):
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
         state = dict(self.__dict__)
-        state.update(cache=None, cache_has_graph=False, pending=None, capture=None, key=None, phase=IDLE, depth=0,
+        state.update(cache=None, pending=None, capture=None, key=None, phase=IDLE, depth=0,
                      solves=None, inline=False, equal_inputs={})
         return state
 
@@ -256,15 +272,22 @@ class Realiser:
             _fingerprint(t) for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values())
             if t is not None)
 
-    def _graph_used(self, grads) -> None:
-        self.cache_has_graph = False
+    def graph_intact(self) -> bool:
+        """Whether the realised tensors can still be backpropagated: no backward has freed their graph.
+        Probed by the read that needs a graph (rare), not hooked at every realisation: each tensor's nearest
+        custom-Function node (the solve that made it; views and copies lie between) still holds its saved
+        tensors. A backward through any of them frees those of every solve upstream, so one freed node
+        means realise again; so does a tensor whose solve is not found (plain autograd under torch.func), and
+        a realisation without any graph (under no_grad)."""
+        graph = [t for tensors in self.cache or () for t in tensors.values() if t.requires_grad]
+        return bool(graph) and all(_solve_alive(t.grad_fn) for t in graph)
 
     def needs_graph(self) -> bool:
         return torch.is_grad_enabled() and any(
             t.requires_grad for i in range(len(self.layers)) for t in self.targets(i).values())
 
     def ensure_fresh(self) -> None:
-        if self.cache is None or (self.needs_graph() and not self.cache_has_graph) or self.key != self.state_key():
+        if self.cache is None or (self.needs_graph() and not self.graph_intact()) or self.key != self.state_key():
             self.realise()
 
     # ---------------------------------------------------------------- Algorithm 2
@@ -322,21 +345,7 @@ class Realiser:
                 )
         if self._check(self.pending):
             return True
-        self.cache, self.cache_has_graph = self.pending, False
-        graph = [t for tensors in self.cache for t in tensors.values() if t.requires_grad]
-        if graph:
-            # A backward through these frees their graph: the next read that needs one realises again.
-            # (A hook on each tensor's node, once per node: a Linear's weight and bias share theirs;
-            # half the cost of Tensor.register_hook.)
-            self.cache_has_graph = True
-            nodes = {}
-            for t in graph:
-                if t.grad_fn is None:
-                    t.register_hook(self._graph_used)
-                else:
-                    nodes[id(t.grad_fn)] = t.grad_fn
-            for node in nodes.values():
-                node.register_prehook(self._graph_used)
+        self.cache = self.pending
         self.key = self.state_key(modules)
         self.realisations += 1
         return False
@@ -357,11 +366,10 @@ class Realiser:
             tensors = list({id(u): u for u in (t if t._base is None else t._base for r in realised
                                                for t in r.values())}.values())
             tensors = [t.detach() for t in tensors] if detach else tensors
-            total = torch.stack(torch._foreach_norm(tensors)).sum()  # finite iff every weight is (or overflow)
-            failed = None if self.careful else self.solves.failed()
-            if failed is not None:
-                total = total.masked_fill(failed, math.inf)  # one synchronisation for both checks
-            if math.isfinite(total.item()):
+            norms = torch.stack(torch._foreach_norm(tensors))  # finite iff the weights are (or overflow)
+            flags = None if self.careful else self.solves.flags()
+            values = (norms if flags is None else torch.cat([norms, flags])).tolist()  # one synchronisation
+            if all(math.isfinite(v) for v in values[:len(tensors)]) and not any(values[len(tensors):]):
                 return False
         if self._retry_carefully():
             return True

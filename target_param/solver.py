@@ -233,13 +233,19 @@ class Solves:
             cache.store(key, ("projections", fixed))
         return fixed
 
-    def failed(self) -> Tensor | None:
-        """A 0-dim bool tensor, true when a deferred factorisation failed (no synchronisation)."""
+    def flags(self) -> Tensor | None:
+        """Every deferred factorisation's LAPACK info flag, one 1-D tensor (non-zero: failed; no
+        synchronisation)."""
         if not self.infos:
             return None
         single = [i for i in self.infos if i.dim() == 0]  # (one matrix: a 0-dim info, kept without a reshape)
         parts = ([torch.stack(single)] if single else []) + [i for i in self.infos if i.dim()]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).any()
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def failed(self) -> Tensor | None:
+        """A 0-dim bool tensor, true when a deferred factorisation failed (no synchronisation)."""
+        flags = self.flags()
+        return None if flags is None else flags.any()
 
 
 def prefers_inverse(d: int, cols: int) -> bool:

@@ -485,6 +485,27 @@ class _Counting(nn.Module):
         return self.fc2(h)
 
 
+@pytest.mark.parametrize("trace", [True, False], ids=["graph", "hooks"])
+def test_weight_read_after_backward_realises_only_when_the_graph_was_freed(trace):
+    """A grad-enabled read of ``layer.weight`` outside forward reuses the realised tensor while its graph is
+    intact (no backward yet, or ``retain_graph=True``), and realises again once a backward freed it; either
+    way the tensor it returns can be backpropagated."""
+    torch.manual_seed(8)
+    ref = torch.randn(12, 3, dtype=torch.float64)
+    model = tp.to_target_space(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double(), ref,
+                               trace=trace)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for retain, again in ((True, 0), (False, 1)):
+        out = model(x)
+        n = tp.realisations(model)
+        model[2].weight.sum().backward(retain_graph=True)  # the forward's own weights: no realisation
+        assert tp.realisations(model) == n
+        out.sum().backward(retain_graph=retain)
+        w = model[2].weight
+        assert tp.realisations(model) == n + again
+        w.sum().backward()  # differentiable either way
+
+
 def test_forward_on_the_reference_batch_runs_the_model_once():
     """X = X̄: the model's own forward is the reference pass, so it runs exactly once per call (its Python
     side effects happen once, as in weight space); on any other input it runs once too (the reference
@@ -665,9 +686,15 @@ def test_sync_free_solves_equal_lapack_and_leave_one_synchronisation(monkeypatch
             torch.testing.assert_close(b.weight, a.weight, rtol=1e-8, atol=1e-10)
 
     def syncs(step):
+        """Host synchronisations: scalar reads (``item``, ``bool``: aten::_local_scalar_dense) and ``tolist``
+        calls (a device-to-host copy on CUDA; no aten op on the CPU, so counted by a wrapper)."""
+        lists = []
+        tolist = torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: lists.append(1) or tolist(t))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        return len(lists) + sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
 
     assert syncs(lambda: _train_step(free, x)) == 1
     monkeypatch.setattr(solver, "SYNC_FREE_DEVICES", set())
