@@ -477,14 +477,11 @@ class Realiser:
             return None
         self.inline = False
         try:
-            try:
-                repeat = self._finish(_modules(self.root))
-            except SolveError as e:
-                raise (self._diagnose(self.pending) or e) from None
-        except BaseException:
+            repeat = self._finish(_modules(self.root))
+        except SolveError as e:
+            raise (self._diagnose(self.pending) or e) from None
+        finally:
             self.phase, self.pending, self.solves = IDLE, None, None
-            raise
-        self.phase, self.pending, self.solves = IDLE, None, None
         if repeat:
             output = self.realise()  # carefully, by the graph: the forward's output with those weights
         self.merges += 1
