@@ -47,7 +47,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, SolveError, TargetSpaceError
 from .layers import Adapter, FeedForwardAdapter
-from .solver import Solves, plain_autograd
+from .solver import Solves, contents_version, plain_autograd
 
 __all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "frozen_running_stats", "REALISER_ATTR", "lean_max_pool"]
 
@@ -65,7 +65,7 @@ class ConvertedLayer:
 def _fingerprint(t: Tensor) -> tuple:
     """Identity, in-place version and storage of a tensor (torch.func wrappers have no storage)."""
     try:
-        return id(t), t._version, t.data_ptr()
+        return id(t), *contents_version(t)
     except RuntimeError:
         return id(t), None, None
 
@@ -523,7 +523,7 @@ class Realiser:
                 return False
             if arg is not ref:
                 # the last tensor found equal, if it and the reference are unchanged since: no pass over them
-                stamp = (arg._version, ref._version, arg.data_ptr(), ref.data_ptr())
+                stamp = contents_version(arg) + contents_version(ref)
                 last = self.equal_inputs.get(name)
                 if last is None or last[0] is not arg or last[1] is not ref or last[2] != stamp:
                     if not torch.equal(arg, ref):

@@ -143,25 +143,26 @@ class FactorCache:
     def lookup(self, x: Tensor):
         if x.requires_grad or self.input is None:
             return None
-        if self.source is not None and self.source[0] is x and self.source[1:] == _version(x):
+        if self.source is not None and self.source[0] is x and self.source[1:] == contents_version(x):
             return self.entry  # the very tensor compared or stored before, unchanged since
         if self.input.shape != x.shape or self.input.dtype != x.dtype or self.input.device != x.device \
                 or not torch.equal(self.input, x):
             return None
-        self.source = (x, *_version(x))
+        self.source = (x, *contents_version(x))
         return self.entry
 
     def store(self, x: Tensor, entry: tuple) -> None:
         if not x.requires_grad:
-            self.input, self.entry, self.source = x.detach().clone(), entry, (x, *_version(x))
+            self.input, self.entry, self.source = x.detach().clone(), entry, (x, *contents_version(x))
 
     def __deepcopy__(self, memo):
         return FactorCache()  # a cache, not state
 
 
-def _version(x: Tensor) -> tuple:
+def contents_version(x: Tensor) -> tuple:
     """The in-place version and storage of ``x``: unchanged, its values are too (an in-place change bumps
-    ``_version``; a ``.data`` assignment moves the storage)."""
+    ``_version``; a ``.data`` assignment moves the storage). Raises RuntimeError for a tensor without storage
+    (torch.func wrappers)."""
     return x._version, x.data_ptr()
 
 
