@@ -6,11 +6,21 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: test demo bench clean-venv
 
+# torch's x86_64 build is a CUDA build of about 5.5 GB in the venv; pip keeps no wheel cache here.
+NEED_GB ?= 7
+PIP    := $(PY) -m pip install -q --no-cache-dir
+
 $(VENV)/.installed: pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4/1048576)}'); \
+	if [ "$$free" -lt $(NEED_GB) ]; then \
+	  echo "make: the virtualenv needs about $(NEED_GB) GB of free disk (torch's CUDA build is 5.5 GB)."; \
+	  echo "  free here: $$free GB"; \
+	  echo "  Free space, or point VENV at another disk: make test VENV=/other/disk/venv"; \
+	  exit 1; fi
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[all]'
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[all]'
 	touch $@
 
 test: $(VENV)/.installed

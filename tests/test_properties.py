@@ -99,6 +99,13 @@ def spec2(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(m, ord=2)
 
 
+def stationary_tol(a: torch.Tensor, lam: float) -> float:
+    """Relative size of a float64 gradient that is zero in exact arithmetic: rounding amplified by the
+    condition number of K = AAᵀ + λI, κ = (‖A‖₂² + λ)/λ (A^‡ and A^⋄ apply K⁻¹). 1000·ε·κ is 40 times the
+    largest ratio seen in 1,000 draws of each stationary-point test (at most 24·ε·κ)."""
+    return 1e3 * EPS * float(((spec2(a) ** 2 + lam) / lam).max())
+
+
 def dagger(a: torch.Tensor, lam: float) -> torch.Tensor:
     """A^‡ = Aᵀ(AAᵀ + λI)⁻¹ (batched), computed by a plain solve, independently of the library."""
     eye = torch.eye(a.shape[-2], dtype=a.dtype)
@@ -440,7 +447,8 @@ def test_weight_stationary_point_is_target_stationary_deep_linear(seed, d0, extr
     (_, (a_ref,)), (_, (h,)) = (capture_inputs(model, [last], ref), capture_inputs(model, [last], x))
     H = patches(last, h)[0]  # (d+1, n)
     W_star = torch.linalg.lstsq(H.T, y).solution.T.unsqueeze(0)  # (1, out, d+1)
-    set_realised(last, patches(last, a_ref), W_star, lam)
+    A = patches(last, a_ref)
+    set_realised(last, A, W_star, lam)
     torch.testing.assert_close(aug_weight(last), W_star, rtol=1e-8, atol=1e-10)
     g_stat = target_grad_norm(model, x, y)
     with torch.no_grad():
@@ -448,7 +456,7 @@ def test_weight_stationary_point_is_target_stationary_deep_linear(seed, d0, extr
             p.add_(torch.randn_like(p) * (p.std() if p.numel() > 1 else 1.0))
     g_rand = target_grad_norm(model, x, y)
     note(f"lam={lam:.3g} |dL/dT| stationary={g_stat:.3g} random={g_rand:.3g}")
-    assert g_stat <= 1e-8 * g_rand
+    assert g_stat <= stationary_tol(A, lam) * g_rand
 
 
 @settings(max_examples=60, **SETTINGS)
@@ -475,7 +483,8 @@ def test_weight_stationary_point_is_target_stationary_conv(seed, nd, g, cin, cou
     Px = patches(layer, x)  # (G, d+1, N)
     Y = y.reshape(y.shape[0], g, cout, -1).permute(1, 0, 3, 2).reshape(g, -1, cout)  # (G, N, o_g)
     W_star = torch.linalg.lstsq(Px.mT, Y).solution.mT
-    set_realised(layer, patches(layer, ref), W_star, lam)
+    A = patches(layer, ref)
+    set_realised(layer, A, W_star, lam)
     torch.testing.assert_close(aug_weight(layer), W_star, rtol=1e-8, atol=1e-10)
     g_stat = target_grad_norm(model, x, y)
     with torch.no_grad():
@@ -483,7 +492,7 @@ def test_weight_stationary_point_is_target_stationary_conv(seed, nd, g, cin, cou
             p.add_(torch.randn_like(p) * p.std())
     g_rand = target_grad_norm(model, x, y)
     note(f"lam={lam:.3g} |dL/dT| stationary={g_stat:.3g} random={g_rand:.3g}")
-    assert g_stat <= 1e-8 * g_rand
+    assert g_stat <= stationary_tol(A, lam) * g_rand
 
 
 # ================================================================================= property 4
