@@ -11,7 +11,8 @@ NEED_GB ?= 7
 PIP    := $(PY) -m pip install -q --no-cache-dir
 
 $(VENV)/.installed: pyproject.toml
-	@free=$$(df -Pk . | awk 'NR==2 {print int($$4/1048576)}'); \
+	@d="$(dir $(abspath $(VENV)))"; [ -d "$$d" ] || d=.; \
+	free=$$(df -Pk "$$d" | awk 'NR==2 {print int($$4/1048576)}'); \
 	if [ "$$free" -lt $(NEED_GB) ]; then \
 	  echo "make: the virtualenv needs about $(NEED_GB) GB of free disk (torch's CUDA build is 5.5 GB)."; \
 	  echo "  free here: $$free GB"; \
