@@ -225,7 +225,10 @@ class ConvAdapter(FeedForwardAdapter):
             spatial = spatial + (u.reshape(-1, *[1] * self.nd) * s + offsets) * strides[i]  # (M, K...)
         plane = (image[:, None] * c + torch.arange(c, device=x.device)) * math.prod(sizes)  # (M, C)
         index = plane.reshape(*plane.shape, *[1] * self.nd) + spatial[:, None]  # (M, C, K...)
-        return xp.reshape(-1)[index].reshape(len(positions), self.groups, -1).transpose(0, 1)
+        # index_select, whose backward is index_add: 3.6-4.7 times faster (forward and backward) than
+        # advanced indexing, whose backward is an accumulating index_put (the CIFAR net's sizes, 1 thread)
+        flat = xp.reshape(-1).index_select(0, index.reshape(-1))
+        return flat.reshape(len(positions), self.groups, -1).transpose(0, 1)
 
     def positions(self, module: nn.Module) -> Tensor:
         return module.parametrizations["weight"][0].positions

@@ -16,7 +16,7 @@ from target_param import solver
 from target_param.convert import realisers
 from target_param.realise import ReferenceCall, lean_max_pool
 
-from conftest import ShortcutMLP, SmallCNN
+from conftest import DEVICES, ShortcutMLP, SmallCNN
 
 
 def _pair(make, ref, **kw):
@@ -170,8 +170,8 @@ def _count_grams(monkeypatch) -> list:
     for name in ("_add_diagonal", "_shifted_gram"):
         original = getattr(solver, name)
 
-        def counting(*args, original=original):
-            out = original(*args)
+        def counting(*args, original=original, **kw):
+            out = original(*args, **kw)
             calls.append(tuple(out.shape))
             return out
 
@@ -699,3 +699,59 @@ def test_sync_free_solves_equal_lapack_and_leave_one_synchronisation(monkeypatch
     assert syncs(lambda: _train_step(free, x)) == 1
     monkeypatch.setattr(solver, "SYNC_FREE_DEVICES", set())
     assert syncs(lambda: _train_step(free, x)) > 1  # LAPACK's checks: the count above can fail
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [(), (2,)], ids=["matrix", "batched"])
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_triangle_gram_is_the_triangle_cholesky_reads(device, dtype, batch, upper):
+    """From d = 512 (``solver._TRIANGLE_MIN``) a fresh Gram is formed one triangle at a time, in column
+    blocks. That triangle equals the plain product's, and LAPACK's Cholesky (``cholesky_ex``) reads only
+    that triangle: NaN in the other one changes no bit of the factor (the contract the saving relies on)."""
+    torch.manual_seed(0)
+    d = solver._TRIANGLE_MIN + solver._TRIANGLE_BLOCK // 2 + 1  # a partial last block
+    x = torch.randn(*batch, d + 40, d, dtype=dtype, device=device)
+    lam = 0.5
+    k = solver._shifted_gram(x.mT, x, lam, upper=upper)
+    plain = x.mT @ x + lam * torch.eye(d, dtype=dtype, device=device)
+    keep = torch.ones(d, d, dtype=torch.bool, device=device)
+    keep = keep.triu() if upper else keep.tril()
+    tol = dict(rtol=1e-5, atol=1e-3) if dtype == torch.float32 else {}
+    torch.testing.assert_close(k[..., keep], plain[..., keep], **tol)
+    poisoned = plain.clone()
+    poisoned[..., ~keep] = float("nan")
+    expected, info = torch.linalg.cholesky_ex(plain, upper=upper)
+    got, info2 = torch.linalg.cholesky_ex(poisoned, upper=upper)
+    assert not info.any() and not info2.any()
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(torch.linalg.cholesky_ex(k, upper=upper)[0], expected, **tol)
+
+
+@pytest.mark.parametrize("out", [5, 400], ids=["cholesky-solve", "inverse"])
+def test_wide_linear_layer_solves_eq6_with_the_triangle_gram(out):
+    """A primal solve at d ≥ 512 (the triangle Gram), with the lower factor (cholesky_solve) and the upper one
+    (K⁻¹ when the right-hand sides are many): realised weights equal the explicit ridge solve of eq. 6-7, and
+    the target gradient equals autograd through that explicit formula."""
+    torch.manual_seed(1)
+    d_in, nbar = solver._TRIANGLE_MIN + 20, 600
+    lam = 1e-2
+    lin = nn.Linear(d_in, out).double()
+    model = nn.Sequential(nn.Linear(8, d_in).double(), nn.Tanh(), lin)
+    ref, x = torch.randn(nbar, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    tp.to_target_space(model, ref, lam=lam, init="random")
+    assert solver.prefers_inverse(d_in + 1, out) == (out == 400)
+    with torch.no_grad():
+        a = torch.tanh(model[0](ref))
+    a = torch.cat([a, torch.ones(nbar, 1, dtype=a.dtype)], 1)
+    t = lin.parametrizations.weight.original
+    wt = torch.linalg.solve(a.T @ a + lam * torch.eye(d_in + 1, dtype=a.dtype), a.T @ t)
+    torch.testing.assert_close(lin.weight, wt[:-1].T, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(lin.bias, wt[-1], rtol=1e-8, atol=1e-10)
+    h = torch.tanh(model[0](x)).detach()  # the gradient reaching the last target, through W alone
+    model.zero_grad()
+    loss = lambda w, b: (h @ w.T + b).square().sum()
+    loss(lin.weight, lin.bias).backward()
+    wt2 = torch.linalg.solve(a.T @ a + lam * torch.eye(d_in + 1, dtype=a.dtype), a.T @ t)
+    (expected,) = torch.autograd.grad(loss(wt2[:-1].T, wt2[-1]), t)
+    torch.testing.assert_close(t.grad, expected, rtol=1e-8, atol=1e-10)

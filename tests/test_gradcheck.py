@@ -178,3 +178,27 @@ def test_gradcheck_ridge_solve_split_without_bias(form):
             (w, _), s = solver.ridge_solve(x, y, solver.Solves(0.3), "l", split=True)
             return tuple((w, s)[i] for i in pick)
         assert gradcheck(f, (x, y), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=1, padding_mode="reflect")],
+                         ids=["same", "s2-reflect"])
+def test_gradcheck_max_positions(kw, device):
+    """The approximate option (``max_positions``, section 4.2): both convs solved on a subset of patch
+    columns, so the second one's gathered patches carry the gradient back to the first one's targets."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, **kw), nn.Tanh(), nn.Conv2d(3, 2, 3, **kw)).to(device=device, dtype=DT)
+    gen = torch.Generator().manual_seed(6)
+    ref, x = (torch.randn(n, 2, 5, 5, generator=gen, dtype=DT).to(device) for n in (3, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.RankDeficientWarning)
+        tp.to_target_space(model, ref, lam=0.3, init="random", max_positions=10)
+    keys = [f"{i}.parametrizations.weight.original" for i in (0, 2)]
+    params = dict(model.named_parameters())
+    assert all(params[k].shape[0] == 10 for k in keys)  # both layers solved on the subset
+    targets = [(params[k].detach() + 0.5 * torch.randn(params[k].shape, generator=gen, dtype=DT).to(device))
+               .requires_grad_(True) for k in keys]
+    f = as_function(model, keys, x)
+    (g,) = torch.autograd.grad(f(*targets).sum(), targets[0])
+    assert g.abs().max() > 1e-8  # the first layer's targets reach the output
+    assert gradcheck(f, tuple(targets), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=False)
