@@ -95,18 +95,6 @@ def reused_error(name: str, calls: int) -> LayerReusedError:
     )
 
 
-def _modules(root: nn.Module) -> list:
-    """Every module of the tree once, as ``root.modules()`` but without its names (a third of the time)."""
-    out, seen, stack = [], set(), [root]
-    while stack:
-        m = stack.pop()
-        if id(m) not in seen:
-            seen.add(id(m))
-            out.append(m)
-            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return out
-
-
 def _solve_alive(node, depth: int = 8) -> bool:
     """Whether the custom-Function node nearest to ``node`` along first inputs (through at most ``depth``
     views and copies) still holds its saved tensors (a backward without ``retain_graph`` frees them)."""
@@ -267,7 +255,7 @@ class Realiser:
 
     def state_key(self, modules: list | None = None) -> tuple:
         """Changes whenever anything the reference pass reads may have changed."""
-        modules = _modules(self.root) if modules is None else modules
+        modules = list(self.root.modules()) if modules is None else modules
         return tuple(m.training for m in modules), tuple(
             _fingerprint(t) for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values())
             if t is not None)
@@ -298,7 +286,7 @@ class Realiser:
         inputs = self._begin()
         try:
             try:
-                modules = _modules(self.root)  # one walk of the tree per realisation
+                modules = list(self.root.modules())  # one walk of the tree per realisation
                 with frozen_running_stats(self.root, modules):
                     out = (self.graph_module or self.root)(*inputs)
             except SolveError as e:
@@ -477,7 +465,7 @@ class Realiser:
             return None
         self.inline = False
         try:
-            repeat = self._finish(_modules(self.root))
+            repeat = self._finish(list(self.root.modules()))
         except SolveError as e:
             raise (self._diagnose(self.pending) or e) from None
         finally:

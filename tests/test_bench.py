@@ -57,3 +57,19 @@ def test_bench_repeats_in_fresh_processes(tmp_path):
     assert math.isclose(row["ratio_processes"], (ratios[0] + ratios[1]) / 2)
     assert len(row["process_floor_ratios"]) == 2 and all(f > 0 for f in row["process_floor_ratios"])
     assert "processes" in proc.stdout and f"[{min(ratios):.2f}–{max(ratios):.2f}]" in proc.stdout
+
+
+def test_ab_runs_against_a_revision_and_against_itself():
+    """benchmarks/ab.py: the working tree against HEAD (git archive) and against a copy of itself (the null
+    A/B); each prints finite positive ratios (no timing thresholds)."""
+    import re
+
+    for base in ("HEAD", "WORKTREE"):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "spirals", "--base", base, "--pairs", "6",
+             "--warmup", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        m = re.search(r"new/base ([0-9.]+) .*T/W new ([0-9.]+)x, base ([0-9.]+)x", proc.stdout)
+        assert m and all(float(v) > 0 for v in m.groups()), proc.stdout
+        assert f"(base: {base})" in proc.stdout
