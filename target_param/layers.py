@@ -223,11 +223,17 @@ class ConvAdapter(FeedForwardAdapter):
             shape[i] = k
             offsets = (torch.arange(k, device=x.device) * d).reshape(shape)
             spatial = spatial + (u.reshape(-1, *[1] * self.nd) * s + offsets) * strides[i]  # (M, K...)
-        plane = (image[:, None] * c + torch.arange(c, device=x.device)) * math.prod(sizes)  # (M, C)
-        index = plane.reshape(*plane.shape, *[1] * self.nd) + spatial[:, None]  # (M, C, K...)
+        channel = torch.arange(c, device=x.device).reshape(1, c, *[1] * self.nd)
+        image = image.reshape(-1, 1, *[1] * self.nd)
+        if self.nd == 2 and not xp.is_contiguous() and xp.is_contiguous(memory_format=torch.channels_last):
+            source = xp.permute(0, 2, 3, 1).reshape(-1)  # channels_last storage, (n, h, w, C), as it lies
+            index = (image * math.prod(sizes) + spatial[:, None]) * c + channel  # (M, C, K...)
+        else:
+            source = xp.reshape(-1)
+            index = (image * c + channel) * math.prod(sizes) + spatial[:, None]  # (M, C, K...)
         # index_select, whose backward is index_add: 3.6-4.7 times faster (forward and backward) than
         # advanced indexing, whose backward is an accumulating index_put (the CIFAR net's sizes, 1 thread)
-        flat = xp.reshape(-1).index_select(0, index.reshape(-1))
+        flat = source.index_select(0, index.reshape(-1))
         return flat.reshape(len(positions), self.groups, -1).transpose(0, 1)
 
     def positions(self, module: nn.Module) -> Tensor:
@@ -248,6 +254,8 @@ class ConvAdapter(FeedForwardAdapter):
         t = targets["weight"]
         dtype = solve_dtype(t.dtype)
         x = args[0].to(dtype)
+        if self.nd == 2 and x.device.type in CHANNELS_LAST_DEVICES:  # the layout the products run fastest in
+            x = x.contiguous(memory_format=torch.channels_last)  # (a no-op after the first such layer)
         a = self.patches_at(x, self.positions(module))
         y = t.to(dtype).reshape(t.shape[0], self.groups, -1).transpose(0, 1)
         wt, _ = ridge_solve(a, y, solves, name, self.cache, sums=False, ones=self.has_bias)
@@ -370,7 +378,8 @@ class ConvAdapter(FeedForwardAdapter):
 _SHIFT_GRAM_MIN = 4
 # New conv targets are channels_last on these devices, and the reference pass's conv products with them
 # (mkldnn, 1 thread, the paper's CNN shapes: forward and transposed convs about 20% faster than NCHW,
-# the whole target step 5%: 0.954 in 30 interleaved pairs). Not measured on CUDA: there it stays NCHW.
+# the whole target step 5%: 0.954 in 30 interleaved pairs); with max_positions the subset layers' inputs
+# (cnn-approx step: 0.949 and 0.925 in 24 A/B pairs). Not measured on CUDA: there it stays NCHW.
 CHANNELS_LAST_DEVICES = {"cpu"}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
