@@ -27,6 +27,8 @@ weight space).
 * ``weight``: He (Kaiming normal, leaky-relu gain) weights, zero biases, Adam lr 0.001.
   ``weight_bn``: the same plus BatchNorm after every convolution and the non-final dense layer (before the
   activation), as the paper applied it.
+* ``--max-positions N`` (section 4.2, the approximate option): the target-space model solves each conv layer
+  on N fixed random patch columns of the reference batch instead of all of them (default: all, exact).
 * ``--dropout 0.2`` (Table 2, "with dropout"): dropout after every even-numbered compound conv layer and the
   non-final dense layer.
 * Every method gets the same number of epochs (``--epochs``, fractions allowed) of minibatches of 100
@@ -216,7 +218,7 @@ def build(method: str, data: dict[str, Tensor], args, seed: int) -> tuple[nn.Mod
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tp.to_target_space(model, data["x_train"][idx], lam=args.lam, init="random",
-                               target_std=args.target_std)
+                               target_std=args.target_std, max_positions=args.max_positions)
         info["conversion_warnings"] = sorted({str(w.message).split(":")[0] for w in caught})
         info["ref_indices_head"] = idx[:10].tolist()
     info["parameters"] = sum(p.numel() for p in model.parameters())
@@ -413,6 +415,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr-target", type=float, default=0.01, help="Adam lr in target space (paper: 0.01)")
     p.add_argument("--lr-weight", type=float, default=0.001, help="Adam lr in weight space (paper: 0.001)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (paper's second table: 0.2)")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="target space solves each conv layer on this many random patch columns (section 4.2; "
+                        "default: all, the exact method)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between test-set evaluations")
     p.add_argument("--n-train", type=int, default=0, help="use only the first N training images (0: all)")
     p.add_argument("--n-test", type=int, default=0, help="use only the first N test images (0: all)")

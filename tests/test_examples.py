@@ -174,3 +174,18 @@ def test_timm_finetune_quick(tmp_path):
         assert r["train_seconds"] > 0
     # Leaving target space keeps the trained function.
     assert runs["target"]["back_to_weight_space_max_abs_logit_change"] < 1e-3
+
+
+def test_cnn_quick_max_positions(tmp_path):
+    """--max-positions reaches the conversion: the target-space model's conv targets are the subset's."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cnn.py"), "--quick", "--methods", "target", "--max-positions", "300", "--out", str(tmp_path), "--data-root", str(tmp_path / "no-data-here")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "cnn.json").read_text())
+    assert summary["config"]["max_positions"] == 300
+    assert summary["runs"] and {r["method"] for r in summary["runs"]} == {"target"}
+    for run in summary["runs"]:
+        assert run["parameters"] < 100 * 16 * 28 * 28  # the first conv alone has n̄·C·H·W exact targets
+        assert all(math.isfinite(v) for v in run["curve"]["test_loss"])
