@@ -76,14 +76,11 @@ def _shifted_gram(a: Tensor, b: Tensor, lam: float, upper: bool = False) -> Tens
                 torch.matmul(a[..., i:j, :], b[..., :, i:], out=k[..., i:j, i:])
             else:  # columns i:j from row i on
                 torch.matmul(a[..., i:, :], b[..., :, i:j], out=k[..., i:, i:j])
-        k.diagonal(dim1=-2, dim2=-1).add_(lam)
-        return k
-    if d > _FUSED_SHIFT_MAX or lam == 0.0:
+    elif d > _FUSED_SHIFT_MAX or lam == 0.0:
         k = _mm(a, b)
-        if lam != 0.0:
-            k.diagonal(dim1=-2, dim2=-1).add_(lam)
-        return k
-    return _addmm(_shift_matrix(d, lam, b.dtype, b.device), a, b)
+    else:
+        return _addmm(_shift_matrix(d, lam, b.dtype, b.device), a, b)
+    return _add_diagonal(k, lam) if lam != 0.0 else k
 
 
 def _shift_matrix(d: int, lam: float, dtype: torch.dtype, device: torch.device) -> Tensor:
