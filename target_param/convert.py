@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from .errors import (
     AlreadyConvertedError,
     InvalidArgumentError,
+    LambdaScaleWarning,
     NoEligibleLayerError,
     NotConvertedError,
     RankDeficientWarning,
@@ -25,14 +26,17 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .layers import ConvAdapter, adapter_for, is_candidate
+from .solver import solve_dtype, uses_dual
 from .parametrization import TargetParametrization, install
-from .plan import Plan, make_plan
+from .plan import LAMBDA_SCALE_THRESHOLD, Plan, PlannedLayer, lam_ratio, make_plan, too_large
 from .realise import REALISER_ATTR, ConvertedLayer, Realiser, reused_error
 
 __all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", "realisers"]
 
 INITS = ("project", "random")
 CASCADES = ("sequential", "optimistic")
+LAM_MODES = ("absolute", "relative")
+LAM_BUFFER = "lam"  # lam_mode="relative": λ_j, a 0-dim buffer of each target's parametrization
 REFERENCE_BUFFER = "target_space_reference"
 
 
@@ -59,7 +63,7 @@ def realisations(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------ checks
-def _check_options(lam, init, cascade, target_std, max_positions) -> None:
+def _check_options(lam, init, cascade, target_std, max_positions, lam_mode="absolute") -> None:
     if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
         raise InvalidArgumentError(
             "lam must be a finite number ≥ 0: it is the absolute ridge λ of eq. 6, added to the "
@@ -78,6 +82,13 @@ def _check_options(lam, init, cascade, target_std, max_positions) -> None:
             f"cascade must be one of {CASCADES}.",
             "'sequential' is SCU (Algorithm 2); 'optimistic' is OCU (eq. 8).",
             cascade=cascade,
+        )
+    if not isinstance(lam_mode, str) or lam_mode not in LAM_MODES:
+        raise InvalidArgumentError(
+            f"lam_mode must be one of {LAM_MODES}.",
+            "'absolute' adds lam itself to every layer's Gram AAᵀ (the paper); 'relative' adds "
+            "λ_j = lam × the mean diagonal of layer j's Gram on the reference batch, measured at conversion.",
+            lam_mode=lam_mode,
         )
     if not isinstance(target_std, (int, float)) or not target_std > 0:
         raise InvalidArgumentError("target_std must be > 0.", None, target_std=target_std)
@@ -186,9 +197,12 @@ class _Snapshot:
             m.__dict__.update(attrs)
 
 
-def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions: Tensor | None = None) -> None:
+def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions: Tensor | None = None,
+              lams: dict[str, float] | None = None) -> None:
     """Targets become Parameters at ``parametrizations[name].original``; other tensors get placeholders;
-    ``positions`` (the approximate option) becomes a buffer of the weight's parametrization."""
+    ``positions`` (the approximate option) becomes a buffer of the weight's parametrization, and each λ_j
+    of ``lams`` (``lam_mode="relative"``) a 0-dim buffer ``lam`` of its target's parametrization, in the
+    target's dtype (at least float32)."""
     layer = realiser.layers[i]
     m = layer.module
     for name in layer.adapter.tensors:
@@ -204,6 +218,10 @@ def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions:
     install(m, layer.adapter.tensors, layer.adapter.targets[0])
     if positions is not None:
         m.parametrizations[layer.adapter.targets[0]][0].register_buffer("positions", positions)
+    for name, lam in (lams or {}).items():
+        t = targets[name]
+        m.parametrizations[name][0].register_buffer(LAM_BUFFER, torch.tensor(lam, dtype=solve_dtype(t.dtype),
+                                                                            device=t.device))
 
 
 def _remove_hooks(module: nn.Module, owner) -> None:
@@ -218,10 +236,69 @@ def _remove_hooks(module: nn.Module, owner) -> None:
 
 
 # ------------------------------------------------------------------------------------------ verbs
-def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions=None
-          ) -> tuple[tuple, Plan]:
+def _layer_lams(pl: PlannedLayer, lam: float, lam_mode: str, positions=None) -> dict[str, float]:
+    """λ_j of each solve of a planned layer, by target name: ``lam`` (absolute), or ``lam`` × the mean
+    diagonal of that solve's Gram over its input rows on the reference batch (relative; ``lam`` itself where
+    that input is zero)."""
+    diagonals = pl.mean_diagonals(positions)
+    if lam_mode == "absolute":
+        return {n: float(lam) for n in diagonals}
+    floors = _precision_floors(pl)
+    return {n: max(float(lam) * d if d > 0.0 else float(lam), floors.get(n, 0.0)) for n, d in diagonals.items()}
+
+
+def _precision_floors(pl: PlannedLayer) -> dict[str, float]:
+    """The least relative λ_j that the solve dtype can resolve, by target name: ``columns × eps`` for a layer
+    with a bias solved in the dual form (eq. 23), whose Gram ``XXᵀ + 11ᵀ`` holds the ones column at full scale
+    in every entry, so that an input part below ``eps`` of it is lost and a smaller λ_j only amplifies
+    rounding (measured: timm lcnet_050's SE convs and head at n̄ = 8, outputs × 1e5). Primal solves and
+    layers without a bias have no floor: their Grams scale with the input."""
+    if not pl.bias:
+        return {}
+    eps = torch.finfo(solve_dtype(next(iter(pl.sums.values())).dtype)).eps
+    problems = adapter_for(pl.module).problems(pl.sums)
+    names = adapter_for(pl.module).targets
+    out = {}
+    for name, (rows, cols, _, _) in zip(names, problems):
+        if pl.max_positions is not None and isinstance(pl.module, nn.modules.conv._ConvNd):
+            cols = min(cols, pl.max_positions)
+        if uses_dual(rows, cols):
+            out[name] = cols * eps
+    return out
+
+
+def _warn_lambda_scale(ran: list[PlannedLayer], lam_mode: str) -> None:
+    """One LambdaScaleWarning naming every layer whose λ_j exceeds LAMBDA_SCALE_THRESHOLD × the mean
+    diagonal of its Gram, with the values."""
+    lines = []
+    for pl in ran:
+        floors = _precision_floors(pl) if lam_mode == "relative" else {}
+        for n, d in pl.mean_diagonals().items():
+            ratio = lam_ratio(pl.lams[n], d)
+            if too_large(ratio):
+                what = pl.name if n == "weight" else f"{pl.name} ({n})"
+                floor = " (λ_j at its floor, columns × eps: a dual solve with a bias, whose input is below the " \
+                    "precision of its Gram; raise n̄ so that columns ≥ d_in + 1, or exclude the layer)" \
+                    if n in floors and pl.lams[n] == floors[n] else ""
+                lines.append(f"{what}: lam {pl.lams[n]:.3g}, mean diagonal {d:.3g}, ratio {ratio:.3g}{floor}")
+    if lines:
+        warnings.warn(
+            f"λ exceeds {LAMBDA_SCALE_THRESHOLD:g} × the mean diagonal of the Gram AAᵀ of {len(lines)} layer(s) "
+            "on the reference batch (over the input rows: their activations are small for this λ): the ridge "
+            "shrinks their weights, and the cascade of solves can collapse (the converted model then no longer "
+            "computes what the original did). "
+            + ("Use lam_mode='relative' (λ_j = lam × that mean diagonal), or a smaller lam.\n"
+               if lam_mode == "absolute" else "With lam_mode='relative' the ratio is lam itself, but at a floor.\n")
+            + "\n".join(lines),
+            LambdaScaleWarning,
+            stacklevel=3,
+        )
+
+
+def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions=None,
+          lam_mode="absolute") -> tuple[tuple, Plan]:
     """Every check, and the plan; nothing is changed."""
-    _check_options(lam, init, cascade, target_std, max_positions)
+    _check_options(lam, init, cascade, target_std, max_positions, lam_mode)
     if is_target_space(model):
         raise AlreadyConvertedError(
             "The model is already in target space (it or one of its submodules was converted).",
@@ -254,8 +331,10 @@ def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, ma
         )
     for pl in ran:
         pl.max_positions = max_positions
+        pl.lams = _layer_lams(pl, lam, lam_mode)
     plan.layers = ran
-    plan.options = dict(lam=lam, init=init, target_std=target_std, cascade=cascade, max_positions=max_positions)
+    plan.options = dict(lam=lam, init=init, target_std=target_std, cascade=cascade, max_positions=max_positions,
+                        lam_mode=lam_mode)
     return inputs, plan
 
 
@@ -270,14 +349,17 @@ def explain(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     trace: bool = True,
     max_positions: int | None = None,
+    lam_mode: str = "absolute",
 ) -> Plan:
     """The conversion plan of ``to_target_space`` with the same arguments, without changing ``model``.
 
     Prints as a table: per layer the kind, d_in (+1 for the bias), columns (n̄ × positions), primal or dual
-    solve (eq. 23), whether the Gram can have full rank, the target's shape and size and an estimated cost
-    per step; then target against weight parameter totals. Use it to choose n̄ and λ.
+    solve (eq. 23), whether the Gram can have full rank, λ_j over the mean diagonal of the layer's Gram
+    ``A_j A_jᵀ`` over its input rows (``λ/diag``: the largest over an nn.RNN's solves; ``!`` above
+    ``LAMBDA_SCALE_THRESHOLD`` = 0.1, where ``to_target_space`` warns), the target's shape and size and an
+    estimated cost per step; then target against weight parameter totals. Use it to choose n̄ and λ.
     """
-    return _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions)[1]
+    return _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions, lam_mode)[1]
 
 
 def to_target_space(
@@ -291,6 +373,7 @@ def to_target_space(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     trace: bool = True,
     max_positions: int | None = None,
+    lam_mode: str = "absolute",
 ) -> nn.Module:
     r"""Convert ``model`` in place to target space and return it.
 
@@ -305,7 +388,8 @@ def to_target_space(
         model: any module; converted in place.
         ref_batch: the fixed reference batch X̄ (section 3.1): a tensor, or a tuple of positional inputs
             such that ``model(*ref_batch)`` runs. It is stored on the model as a buffer.
-        lam: λ ≥ 0, absolute, on the unnormalised Gram including the bias row.
+        lam: λ ≥ 0. With ``lam_mode="absolute"`` (the default, the paper's) λ itself is added to every
+            layer's unnormalised Gram ``A_j A_jᵀ``, the bias row included.
         init: ``"project"`` sets ``T_j = S_j`` (the model keeps its function, exactly as λ → 0 at full
             rank); ``"random"`` draws a truncated normal with std ``target_std`` and projects once (eq. 13).
         target_std: σ of the random targets (paper: 1 for dense/recurrent nets, 0.1 for CNNs).
@@ -319,12 +403,34 @@ def to_target_space(
             ``parametrizations.weight[0].positions``; its target then exists at those columns only, shape
             (max_positions, C_out), and the layer still computes its whole output. Linear and recurrent
             layers stay exact.
+        lam_mode: ``"absolute"`` (default) or ``"relative"``: a scale-free λ. Each solve gets its own
+            ``λ_j = lam × m_j``, with ``m_j`` the mean diagonal of its Gram ``A_j A_jᵀ`` over the input rows
+            (``Σ|A_j|² / d_in``; the ones row of the bias left out, as its entry, the number of columns,
+            would dominate exactly when the inputs are small; over all groups of a grouped conv; on the
+            chosen columns with ``max_positions``) on the input it receives in the planning pass (the
+            original weights), measured once here and then fixed; ``lam`` itself where that input is zero;
+            at least ``columns × eps`` for a layer with a bias solved in the dual form (see
+            ``_precision_floors``). An ``nn.RNN`` has one λ_j per layer and direction (one per solve: its
+            layers' inputs differ in scale). λ_j is the 0-dim buffer
+            ``parametrizations.<target>.0.lam`` (``weight``; ``weight_ih_l{k}[_reverse]`` for nn.RNN) in
+            the state_dict, so a checkpoint restores it and loading another value takes effect.
+
+    Warns:
+        LambdaScaleWarning: naming every layer whose λ_j exceeds ``LAMBDA_SCALE_THRESHOLD`` = 0.1 of the
+            mean diagonal of its Gram over the input rows (with λ_j, the mean diagonal and their ratio). The
+            paper's settings in ``examples/`` stay below 4e-3 (measured: two-spirals ≤ 7.4e-5, the Table 1
+            CNN ≤ 3.2e-3, the bit-stream RNNs ≤ 5.0e-4); models whose activations are tiny (timm lcnet_050,
+            tinynet_e, efficientvit_m0, torchvision mobilenet_v2 in eval mode at fresh BatchNorm statistics,
+            λ = 1e-4, n̄ = 8 at 64×64) exceed it in 20-91 of their layers, with ratios up to 7e5-1e13.
+        RankDeficientWarning: naming every layer with fewer reference columns than rows.
 
     Returns:
         ``model``.
     """
-    inputs, plan = _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions)
+    inputs, plan = _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions,
+                         lam_mode)
     ran = [pl for pl in plan.layers if pl.calls]
+    _warn_lambda_scale(ran, lam_mode)
     for pl in ran:
         s = pl.stats()
         if not s["full_rank"]:
@@ -345,7 +451,7 @@ def to_target_space(
             if n is not None and hasattr(model, n):
                 raise AlreadyConvertedError(f"The model already has an attribute '{n}'.", None, attribute=n)
         realiser = Realiser(model, layers, lam, cascade, [(n, None if n else x) for n, x in zip(names, inputs)],
-                            plan.graph_module)
+                            plan.graph_module, lam_mode)
         for n, x in zip(names, inputs):
             if n is not None:
                 model.register_buffer(n, x.detach().clone())
@@ -355,10 +461,13 @@ def to_target_space(
                 positions = adapter.choose_positions(sums["weight"], max_positions)
                 if positions is not None:
                     sums = {"weight": adapter.at_positions(sums["weight"], positions)}
+            lams = None
+            if lam_mode == "relative":  # on the columns the layer is solved on
+                lams = pl.lams if positions is None else _layer_lams(pl, lam, lam_mode, positions)
             targets = sums if init == "project" else {
                 n: nn.init.trunc_normal_(torch.empty_like(s), std=target_std, a=-2 * target_std, b=2 * target_std)
                 for n, s in sums.items()}
-            _register(realiser, k, {n: adapter.target_layout(t) for n, t in targets.items()}, positions)
+            _register(realiser, k, {n: adapter.target_layout(t) for n, t in targets.items()}, positions, lams)
         model.__dict__[REALISER_ATTR] = realiser
         # before any user hook on the root; with kwargs, so that a call with keyword arguments is seen as such
         model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True, with_kwargs=True)

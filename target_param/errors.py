@@ -9,11 +9,13 @@ __all__ = [
     "TargetSpaceError",
     "InvalidArgumentError",
     "ReferenceBatchError",
+    "ReferencePassError",
     "NoEligibleLayerError",
     "AlreadyConvertedError",
     "NotConvertedError",
     "LayerReusedError",
     "UnsupportedLayerError",
+    "UnsupportedHabitError",
     "FunctionalWeightUseError",
     "SolveError",
     "AssignmentError",
@@ -21,6 +23,7 @@ __all__ = [
     "RankDeficientWarning",
     "IllConditionedWarning",
     "TraceFallbackWarning",
+    "LambdaScaleWarning",
 ]
 
 
@@ -49,6 +52,11 @@ class ReferenceBatchError(TargetSpaceError, ValueError):
     """The reference batch is empty, non-finite, on the wrong device/dtype, or rejected by the model."""
 
 
+class ReferencePassError(TargetSpaceError, RuntimeError):
+    """The model's forward raised during a reference pass after conversion (Algorithm 2); the message names
+    the cause, and the realised weights and targets are left as they were."""
+
+
 class NoEligibleLayerError(TargetSpaceError, ValueError):
     """No Linear/Conv/RNN layer was selected, or none of them ran on the reference batch."""
 
@@ -71,6 +79,11 @@ class LayerReusedError(TargetSpaceError, RuntimeError):
 class UnsupportedLayerError(TargetSpaceError, TypeError):
     """A selected layer is of a kind whose weights cannot be solved from targets (for example a Conv
     subclass that transforms its weight before use, or an LSTM)."""
+
+
+class UnsupportedHabitError(TargetSpaceError, RuntimeError):
+    """A PyTorch habit that cannot work on a converted model (``torch.jit.trace``, ``torch.export``); the
+    message says what to use instead."""
 
 
 class FunctionalWeightUseError(TargetSpaceError, RuntimeError):
@@ -101,3 +114,11 @@ class IllConditionedWarning(UserWarning):
 
 class TraceFallbackWarning(UserWarning):
     """torch.fx planning failed or disagreed with eager; the execution order recorded by hooks is used."""
+
+
+class LambdaScaleWarning(UserWarning):
+    """λ is large against the scale of a layer's input: ``λ_j`` exceeds ``LAMBDA_SCALE_THRESHOLD`` (0.1, in
+    ``target_param.plan``) of the mean diagonal of its Gram ``A_j A_jᵀ`` on the reference batch, over the
+    input rows (``Σ|A_j|² / d_in``; the ones row of the bias left out; a grouped conv over all its groups).
+    The ridge then shrinks the layer's weights and the cascade of solves can collapse;
+    ``lam_mode="relative"`` sets each λ_j on its layer's scale."""

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from .errors import ReferenceBatchError
 from .gram import shift_gram
-from .solver import (FactorCache, Solves, plain_autograd, regrad, ridge_autograd, ridge_solve, solve_dtype,
-                     solve_with, uses_dual, with_ones)
+from .solver import (FactorCache, Solves, full_precision, plain_autograd, regrad, ridge_autograd, ridge_solve,
+                     solve_dtype, solve_with, uses_dual, with_ones)
 
 __all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate",
            "SUPPORTED", "CANDIDATES"]
@@ -60,6 +60,15 @@ class Adapter:
 
     def problems(self, sums: dict[str, Tensor]) -> list[tuple[int, int, int, int]]:
         """(rows of A incl. the ones row, columns, groups, outputs per group) of each solve."""
+        raise NotImplementedError
+
+    def column_energy(self, module: nn.Module, args: tuple, output, sums: dict[str, Tensor]
+                      ) -> dict[str, tuple[Tensor, int]]:
+        """Per solve, by target name: the squared norm of each column of its A over the input rows (the ones
+        row of the bias left out), shaped (columns, groups), and the rows of A with the ones row. The mean
+        diagonal of the Gram ``A Aᵀ`` over all groups is then ``(Σ + columns·groups·bias) / (groups·rows)``
+        (``plan.PlannedLayer.mean_diagonals``). ``args``/``output``: the layer's call on the reference batch,
+        ``sums``: what ``sums`` returned for it."""
         raise NotImplementedError
 
     def target_layout(self, t: Tensor) -> Tensor:
@@ -123,6 +132,9 @@ class FeedForwardAdapter(Adapter):
         """d_in (+1 for the bias) per group: the rows of A."""
         raise NotImplementedError
 
+    def column_energy(self, module, args, output, sums):
+        return {"weight": (self.energy(args[0]), self.in_rows())}
+
     def patches(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -154,6 +166,10 @@ class LinearAdapter(FeedForwardAdapter):
 
     def in_rows(self) -> int:
         return self.in_features + self.has_bias
+
+    def energy(self, x: Tensor) -> Tensor:
+        """|column|² of A (without the ones row), (N, 1): every leading index of x is a column."""
+        return x.to(solve_dtype(x.dtype)).square().sum(-1).reshape(-1, 1)
 
     def patches(self, x):
         """(N, d): one problem (no group index), without a reshape when the input is a matrix already."""
@@ -265,6 +281,20 @@ class ConvAdapter(FeedForwardAdapter):
     def in_rows(self) -> int:
         return self.in_per_group * math.prod(self.kernel_size) + self.has_bias
 
+    def energy(self, x: Tensor) -> Tensor:
+        """|column|² of each group's im2col matrix (without the ones row), (n̄ × positions, G), columns ordered
+        as ``patches`` orders them, without building im2col: the per-group channel sum of x² (padded as the
+        layer pads), convolved with a ones kernel at the layer's stride and dilation."""
+        x = x.to(solve_dtype(x.dtype))
+        if x.dim() == self.nd + 1:  # an unbatched call
+            x = x[None]
+        sq = self.pad_input(x).square()
+        n, g = sq.shape[0], self.groups
+        sq = sq.reshape(n, g, self.in_per_group, *sq.shape[2:]).sum(2)  # (n, G, spatial...)
+        ones = sq.new_ones(g, 1, *self.kernel_size)
+        e = _CONV[self.nd](sq, ones, None, self.stride, 0, self.dilation, g)  # (n, G, positions...)
+        return e.reshape(n, g, -1).mT.reshape(-1, g)
+
     def target_layout(self, t: Tensor) -> Tensor:
         """A new target in the layout its products run fastest in: channels_last for 2-D convs on
         ``CHANNELS_LAST_DEVICES``. The reference pass follows the targets' layout (``realise``), so the
@@ -325,12 +355,13 @@ class ConvAdapter(FeedForwardAdapter):
         cols = t.numel() // self.out_features
         if plain_autograd() or uses_dual(self.in_rows(), cols) or t.shape[0] != args[0].shape[0]:
             return super().realise(module, args, targets, solves, name, optimistic)
-        dtype = solve_dtype(t.dtype)
+        out_dtype = t.dtype
+        dtype = solve_dtype(out_dtype)
         x, t = args[0].to(dtype), t.to(dtype)
         if self.nd == 2 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # the targets' layout (see target_layout)
         wt, s = _ConvRidge.apply(x if self.native else self.pad_input(x), t, self, solves, name)
-        return self.tensors_of(wt, t.dtype), s.to(t.dtype)
+        return self.tensors_of(wt, out_dtype), s.to(out_dtype)
 
     # conv-shaped products: T·Aᵀ is a conv weight-gradient, X·Z a conv, and the patch-space gradient
     # folded back onto the input a transposed conv, so only the Gram needs the im2col matrix. ``x`` is the
@@ -403,12 +434,14 @@ class _ConvRidge(torch.autograd.Function):
         w = solve_with(ad.cross(x, t), factor, ctx.inverse)
         s = ad.conv(x, w)
         ctx.ad, ctx.lam, ctx.layer = ad, solves.lam, layer
-        ctx.save_for_backward(x, t, w, factor, s)
+        # the residual T − S, not S: S is handed out and may be changed in place (ReLU(inplace=True))
+        ctx.save_for_backward(x, t, w, factor, t - s if ctx.needs_input_grad[0] else None)
         return w, s
 
     @staticmethod
+    @full_precision
     def backward(ctx, gw, gs):
-        x, t, w, factor, s = ctx.saved_tensors
+        x, t, w, factor, residual = ctx.saved_tensors
         ad = ctx.ad
         need_x, need_t = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain im2col formula instead
@@ -425,7 +458,7 @@ class _ConvRidge(torch.autograd.Function):
         xz = ad.conv(x, z)  # dL/dT
         gx = None
         if need_x:
-            gx = ad.fold(x.shape, z, t - s) + ad.fold(x.shape, w, (gs - xz) if gs is not None else -xz)
+            gx = ad.fold(x.shape, z, residual) + ad.fold(x.shape, w, (gs - xz) if gs is not None else -xz)
         return gx, (xz if need_t else None), None, None, None
 
 

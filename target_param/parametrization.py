@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from .errors import AssignmentError
 
-__all__ = ["TargetParametrization", "install"]
+__all__ = ["TargetParametrization", "install", "ridge_lams"]
 
 
 class TargetParametrization(nn.Module):
@@ -31,6 +31,19 @@ class TargetParametrization(nn.Module):
     def forward(self, original: Tensor) -> Tensor:
         return self.realiser.tensor(self.index, self.which)
 
+    def ridge_lam(self) -> float | None:
+        """λ_j of this target's solve with ``lam_mode="relative"``: the 0-dim buffer ``lam``, as a Python
+        float, read from the device only when the buffer changed (another tensor, in-place version or
+        storage: ``load_state_dict``, ``.to()``, an assignment), so that a realisation does not synchronise
+        for it. None without the buffer (``lam_mode="absolute"``: the realiser's λ)."""
+        t = self._buffers.get("lam")
+        if t is None:
+            return None
+        seen = self.__dict__.get("_lam_seen")
+        if seen is None or seen[0] is not t or seen[1] != t._version or seen[2] != t.data_ptr():
+            seen = self.__dict__["_lam_seen"] = (t, t._version, t.data_ptr(), float(t))
+        return seen[3]
+
     def right_inverse(self, value: Tensor) -> Tensor:
         raise AssignmentError(
             "The weights of a target-space layer are computed from its targets (eq. 6); they cannot be "
@@ -41,7 +54,19 @@ class TargetParametrization(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        lam = self.ridge_lam()
+        if lam is not None:
+            return f"{self.which} = T·A^‡ (eq. 6), λ_j={lam:.6g}"
+        if getattr(self.realiser, "relative", False):
+            return f"{self.which} = T·A^‡ (eq. 6), λ_j of the layer's target"
         return f"{self.which} = T·A^‡ (eq. 6), λ={self.realiser.lam}"
+
+
+def ridge_lams(module: nn.Module, names: tuple[str, ...]) -> dict[str, float]:
+    """λ_j of each target ``names`` of a converted ``module`` (``lam_mode="relative"``; see
+    ``TargetParametrization.ridge_lam``), by target name."""
+    lists = module._modules["parametrizations"]._modules
+    return {n: lists[n]._modules["0"].ridge_lam() for n in names}
 
 
 def _deepcopy_with_own_class(self, memo):
@@ -51,7 +76,10 @@ def _deepcopy_with_own_class(self, memo):
     cls = type(self)
     replica = cls.__new__(cls)
     memo[id(self)] = replica
-    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    state = self.__dict__
+    if state.get("_flat_weights"):  # nn.RNN's list of the weights last read: realised, carrying a graph
+        state = dict(state, _flat_weights=[None if w is None else w.detach() for w in state["_flat_weights"]])
+    replica.__dict__ = copy.deepcopy(state, memo)
     own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     replica.__class__ = type(cls.__name__, cls.__bases__, own)
     return replica

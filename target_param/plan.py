@@ -28,7 +28,22 @@ from .errors import FunctionalWeightUseError, ReferenceBatchError, TargetSpaceEr
 from .layers import SUPPORTED, adapter_for
 from .solver import uses_dual
 
-__all__ = ["Plan", "PlannedLayer", "make_plan", "display_name"]
+__all__ = ["Plan", "PlannedLayer", "make_plan", "display_name", "lam_ratio", "too_large", "LAMBDA_SCALE_THRESHOLD"]
+
+# LambdaScaleWarning above this λ_j / mean diagonal of A_j A_jᵀ (see convert.to_target_space, README)
+LAMBDA_SCALE_THRESHOLD = 0.1
+
+
+def too_large(ratio: float | None) -> bool:
+    """Whether λ_j / mean diagonal exceeds LAMBDA_SCALE_THRESHOLD (not by rounding: relative mode's ratio is
+    lam itself)."""
+    return ratio is not None and ratio > LAMBDA_SCALE_THRESHOLD * (1 + 1e-9)
+
+
+def lam_ratio(lam: float, diagonal: float) -> float:
+    """λ_j / mean diagonal of the Gram (see ``PlannedLayer.mean_diagonals``); NaN for an input that is zero
+    on the reference batch (its weights do not change its sums, whatever λ: nothing to warn about)."""
+    return lam / diagonal if diagonal > 0.0 else math.nan
 
 _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 
@@ -49,6 +64,28 @@ class PlannedLayer:
     hidden_in: str | None = None  # the fx leaf block that contains it, if any
     sums: dict | None = None  # S_j on the reference batch (weight space), by target name
     max_positions: int | None = None  # the approximate option: columns a conv layer is solved on
+    # per target name: (|column|² of A over its input rows, (columns, groups); rows of A with the ones row),
+    # see Adapter.column_energy
+    energy: dict | None = None
+    bias: bool = False  # whether A has the ones row
+    lams: dict | None = None  # per target name: the λ_j its solve uses (set by the conversion's checks)
+
+    def mean_diagonals(self, positions: Tensor | None = None) -> dict[str, float]:
+        """Per solve (target name): the mean diagonal of the Gram ``A_j A_jᵀ`` on the reference batch over
+        the layer's input rows, ``Σ |A_j|² / (groups · d_in)``: the ones row of the bias is left out (its
+        diagonal entry, the number of columns, would dominate the mean exactly when the inputs are small and
+        hide the collapse), and a grouped conv counts all its groups. With the approximate option, on the
+        columns ``positions``; without them (``explain``) its expectation over a random subset of
+        ``max_positions`` columns. 0 for an input that is zero on the reference batch."""
+        out = {}
+        for name, (e, rows) in self.energy.items():
+            cols, groups = e.shape
+            total = float(e[positions].double().sum() if positions is not None else e.double().sum())
+            if positions is None and self.max_positions is not None \
+                    and isinstance(self.module, nn.modules.conv._ConvNd) and cols > self.max_positions:
+                total = total * self.max_positions / cols
+            out[name] = total / (groups * max(rows - self.bias, 1))
+        return out
 
     @property
     def kind(self) -> str:
@@ -71,8 +108,13 @@ class PlannedLayer:
         shape = tuple(first.shape)
         if isinstance(self.module, nn.modules.conv._ConvNd) and cols < first.numel() // shape[1]:
             shape = (cols, shape[1])  # the approximate option: a target at the chosen columns only
+        diagonals = self.mean_diagonals() if self.energy is not None else {}
+        ratios = [lam_ratio(self.lams[n], d) for n, d in diagonals.items() if self.lams and n in self.lams]
+        ratios = [r for r in ratios if not math.isnan(r)]
         return dict(
             rows=rows, cols=cols, groups=g, dual=uses_dual(rows, cols),
+            mean_diagonal=min(diagonals.values()) if diagonals else None,
+            lam_ratio=max(ratios) if ratios else None,  # the largest λ_j / mean diagonal over its solves
             full_rank=all(c >= r for r, c, _, _ in problems),
             target_shape=shape, target_size=sum(t.numel() for t in self.sums.values()) if shape == tuple(
                 first.shape) else math.prod(shape),
@@ -92,7 +134,8 @@ class Plan:
     options: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
-        head = ("layer", "kind", "d_in(+1)", "columns", "solve", "rank", "target shape", "targets", "MFLOP/step")
+        head = ("layer", "kind", "d_in(+1)", "columns", "solve", "rank", "λ/diag", "target shape", "targets",
+                "MFLOP/step")
         rows = []
         t_total = w_total = 0
         for pl in self.layers:
@@ -104,6 +147,8 @@ class Plan:
                 pl.kind + (f"/g{s['groups']}" if s["groups"] > 1 else ""),
                 str(s["rows"]), str(s["cols"]), "dual" if s["dual"] else "primal",
                 "full" if s["full_rank"] else "DEFICIENT",
+                "-" if s["lam_ratio"] is None else f"{s['lam_ratio']:.2g}"
+                + ("!" if too_large(s["lam_ratio"]) else ""),
                 "×".join(map(str, s["target_shape"])), f"{s['target_size']:,}", f"{s['mflops']:.1f}",
             ))
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -116,6 +161,10 @@ class Plan:
         deficient = [pl.name for pl in self.layers if not pl.stats()["full_rank"]]
         if deficient:
             lines.append(f"rank-deficient (n̄ × positions < d_in + 1; raise n̄ to fix): {', '.join(deficient)}")
+        large = [pl.name for pl in self.layers if too_large(pl.stats()["lam_ratio"])]
+        if large:
+            lines.append(f"λ > {LAMBDA_SCALE_THRESHOLD:g} × mean diagonal of AAᵀ (!: the ridge shrinks the "
+                         f"weights; lower lam or use lam_mode='relative'): {', '.join(large)}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -215,6 +264,7 @@ def _run(module: nn.Module, inputs: tuple, planned: list[PlannedLayer] | None, r
             pl.calls += 1
             pl.order = next(counter) if pl.order < 0 else pl.order
             pl.sums = {k: v.detach().clone() for k, v in adapter.sums(mod, args, out).items()}
+            pl.energy, pl.bias = adapter.column_energy(mod, args, out, pl.sums), bool(adapter.has_bias)
 
         handles.append(pl.module.register_forward_hook(hook))
     buffers = [(b, b._version, b.clone()) for b in module.buffers()]
@@ -304,7 +354,7 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
                     layers=[pl.name for pl in planned.values() if pl.functional],
                 )
             for pl in planned.values():
-                pl.calls, pl.order, pl.sums, pl.functional, pl.hidden_in = 0, -1, None, [], None
+                pl.calls, pl.order, pl.sums, pl.functional, pl.hidden_in, pl.energy = 0, -1, None, [], None, None
             _run(model, inputs, planned.values(), rng, devices)
             gm = None
     if reason is not None and trace:

@@ -34,6 +34,7 @@ When realisation happens:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -45,9 +46,12 @@ from torch.autograd.function import BackwardCFunction
 from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _NormBase
 
-from .errors import FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, SolveError, TargetSpaceError
+from .errors import (FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, ReferencePassError, SolveError,
+                     TargetSpaceError, UnsupportedHabitError)
 from .layers import Adapter, FeedForwardAdapter
-from .solver import Solves, contents_version, plain_autograd
+from .parametrization import ridge_lams
+from .recompute import Recomputation, in_backward
+from .solver import Solves, autocast_off, autocast_on, contents_version, plain_autograd
 
 __all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "frozen_running_stats", "REALISER_ATTR", "lean_max_pool"]
 
@@ -109,6 +113,49 @@ def _solve_alive(node, depth: int = 8) -> bool:
             return True
         node = node.next_functions[0][0] if node.next_functions else None
     return False
+
+
+def _eager(fn):
+    """``fn`` run eagerly when torch.compile reaches it (a graph break: the reference pass and its bookkeeping
+    are Python with data-dependent checks), and called directly otherwise (``torch.compiler.disable``'s
+    wrapper costs 1.5 µs a call here, at every forward)."""
+    disabled = torch.compiler.disable(fn, reason=(
+        "target_param: the reference pass (Algorithm 2) runs eagerly, outside the compiled graph; compile the "
+        "converted model with torch.compile(model) (graph breaks allowed), not fullgraph=True"))
+
+    @functools.wraps(fn)
+    def run(*args):
+        return disabled(*args) if torch.compiler.is_compiling() else fn(*args)
+    return run
+
+
+def _normal_tensors() -> contextlib.AbstractContextManager:
+    """Under ``torch.inference_mode`` the reference pass makes normal tensors, without a graph: realised
+    weights stay usable (and their inputs' versions readable) once inference mode is left."""
+    if not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
+def _saved_tensors_hooks() -> bool:
+    """Whether saved-tensor hooks are active (non-reentrant checkpointing, ``save_on_cpu``, ...)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
+def _own_saved_tensors() -> contextlib.AbstractContextManager:
+    """The reference pass keeps the tensors its backward needs itself, outside any saved-tensor hooks: a
+    non-reentrant checkpoint around the converted model recomputes its forward without realising (see
+    ``recompute``), so the pass's saved tensors must not be counted among the region's."""
+    if not _saved_tensors_hooks():
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def _global_hooks() -> bool:
@@ -198,10 +245,12 @@ class Realiser:
     """Holds the converted layers of one root module and realises their weights from their targets."""
 
     def __init__(self, root: nn.Module, layers: list[ConvertedLayer], lam: float, cascade: str, reference,
-                 graph_module: nn.Module | None = None):
+                 graph_module: nn.Module | None = None, lam_mode: str = "absolute"):
         self.root = root
         self.layers = layers
         self.lam = float(lam)
+        # lam_mode="relative": each target's λ_j is the buffer `lam` of its parametrization (ridge_lams)
+        self.relative = lam_mode == "relative"
         self.cascade = cascade
         self.reference = reference  # [(buffer name, None) | (None, constant)] per positional input
         self.graph_module = graph_module and self._reference_graph(graph_module)
@@ -220,12 +269,13 @@ class Realiser:
         self.inline = False  # the root's own forward is the reference pass (see root_pre_hook)
         self.equal_inputs = {}  # per reference buffer: the last input found equal to it, and the versions then
         self.merges = 0
+        self.recompute = Recomputation()  # weight reads inside a backward (activation checkpointing)
 
     def __getstate__(self):
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
         state = dict(self.__dict__)
         state.update(cache=None, pending=None, capture=None, key=None, phase=IDLE, depth=0,
-                     solves=None, inline=False, equal_inputs={})
+                     solves=None, inline=False, equal_inputs={}, recompute=Recomputation())
         return state
 
     def _reference_graph(self, gm: nn.Module) -> nn.Module:
@@ -254,10 +304,13 @@ class Realiser:
         return tuple(getattr(self.root, name) if name else value for name, value in self.reference)
 
     def state_key(self, modules: list | None = None) -> tuple:
-        """Changes whenever anything the reference pass reads may have changed."""
+        """Changes whenever anything the reference pass reads may have changed: modes, parameters and
+        buffers, but for the running statistics of normalisation layers in train mode, which the pass does
+        not read (``frozen_running_stats``) and which every training forward updates."""
         modules = list(self.root.modules()) if modules is None else modules
         return tuple(m.training for m in modules), tuple(
-            _fingerprint(t) for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values())
+            _fingerprint(t) for m in modules for t in itertools.chain(
+                m._parameters.values(), () if m.training and isinstance(m, _NormBase) else m._buffers.values())
             if t is not None)
 
     def graph_intact(self) -> bool:
@@ -287,7 +340,11 @@ class Realiser:
         try:
             try:
                 modules = list(self.root.modules())  # one walk of the tree per realisation
-                with frozen_running_stats(self.root, modules):
+                if self.random is None or any(m.training and getattr(m, "p", 1.0) > 0 for m in self.random):
+                    self.recompute.keep_rng(sorted({x.device.index or 0 for x in inputs
+                                                    if isinstance(x, Tensor) and x.is_cuda}))
+                with frozen_running_stats(self.root, modules), _normal_tensors(), autocast_off(), \
+                        _own_saved_tensors():
                     out = (self.graph_module or self.root)(*inputs)
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
@@ -297,11 +354,12 @@ class Realiser:
                 if self._retry_carefully():
                     self.phase = prev
                     return self.realise()
-                raise ReferenceBatchError(
-                    "The model's forward raised on the reference batch during realisation; the realised "
-                    "weights and the targets are unchanged.",
-                    "The reference pass runs in the model's current mode: in train mode, BatchNorm needs "
-                    "n̄ > 1 patterns, for example.",
+                raise ReferencePassError(
+                    "The model's forward raised during the reference pass (Algorithm 2, the forward on the "
+                    "reference batch X̄ that realises the weights); the realised weights and the targets are "
+                    "unchanged.",
+                    "The pass runs in the model's current mode (in train mode BatchNorm needs n̄ > 1 patterns, "
+                    "for example); the error below names the cause.",
                     training=self.root.training,
                     error=f"{type(e).__name__}: {e}",
                 ) from e
@@ -409,7 +467,9 @@ class Realiser:
             raise reused_error(self.layers[i].name, self.calls[i])
         self.order.append(i)
         layer = self.layers[i]
-        self.pending[i], out = layer.adapter.realise(layer.module, args, self.targets(i), self.solves, layer.name,
+        solves = self.solves.scoped(ridge_lams(layer.module, layer.adapter.targets)) if self.relative \
+            else self.solves
+        self.pending[i], out = layer.adapter.realise(layer.module, args, self.targets(i), solves, layer.name,
                                                      self.cascade == "optimistic")
         return out
 
@@ -436,15 +496,31 @@ class Realiser:
         from the input it computes with) and passes on what the solve gives (``S_j``), else its output."""
         if self.phase != REFERENCE:
             return base(module, *args, **kwargs)
+        return self._reference_layer(i, base, module, args, kwargs)
+
+    @_eager  # (a compiled forward on the reference batch, X = X̄, solves each layer eagerly: a graph break)
+    def _reference_layer(self, i: int, base, module: nn.Module, args: tuple, kwargs: dict):
         solved = self._solve(i, args)
         return self._passed_on(i, args, base(module, *args, **kwargs) if solved is None else solved)
 
+    @_eager
     def root_pre_hook(self, module: nn.Module, args, kwargs):
         if self.phase != IDLE:
             if self.phase == FORWARD or self.inline:
                 self.depth += 1  # the root called inside its own forward
             return None
         self.depth = 0
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            raise UnsupportedHabitError(
+                "A converted model cannot be traced or exported: its weights are recomputed from the targets by "
+                "a reference pass in Python at every training forward (Algorithm 2).",
+                "Convert it back first, tp.to_weight_space(model), then trace or export the plain model (the "
+                "same function, at zero inference cost).",
+                tracer="torch.jit.trace" if torch.jit.is_tracing() else "torch.export",
+            )
+        if in_backward():  # checkpointing's recomputation: the weights of the first forward (see recompute)
+            self.phase = FORWARD
+            return None
         if self.needs_graph():
             if self.is_reference_call(args, kwargs):
                 # Full-batch training, X = X̄: the forward about to run is the reference pass (Algorithms 1
@@ -458,6 +534,7 @@ class Realiser:
         self.phase = FORWARD
         return None
 
+    @_eager
     def root_done_hook(self, module: nn.Module, args, kwargs, output):
         """The root's forward returned (not called when it raised); the first of its forward hooks. Ends an
         inline reference pass, so that later forward hooks see an ordinary forward."""
@@ -476,6 +553,7 @@ class Realiser:
         self.phase = FORWARD
         return output if repeat else None
 
+    @_eager
     def root_post_hook(self, module: nn.Module, args, kwargs, output):
         """The last of the root's forward hooks, whether the forward returned or raised (``always_call``)."""
         if self.phase != FORWARD and not self.inline:
@@ -496,8 +574,11 @@ class Realiser:
         then equals the reference pass (Algorithm 2) as a function of the targets, so one forward serves as
         both, with the same gradient (section 2.3, X = X̄)."""
         if kwargs or self.cascade != "sequential" or self.graph_module is None or self.random is None \
-                or len(args) != len(self.reference) or len(self.root._forward_pre_hooks) > 1 or _global_hooks():
-            return False  # (a later forward pre-hook of the root could change the input the forward sees)
+                or len(args) != len(self.reference) or len(self.root._forward_pre_hooks) > 1 or _global_hooks() \
+                or autocast_on() or _saved_tensors_hooks():
+            return False  # (a later forward pre-hook of the root could change the input the forward sees; under
+            # autocast the reference pass runs in full precision, the training forward does not; a checkpointed
+            # forward is recomputed without the pass)
         if any(m.training and getattr(m, "p", 1.0) > 0 for m in self.random):
             return False
         for arg, (name, value) in zip(args, self.reference):  # the cheap checks first: no pass over the input
@@ -533,6 +614,8 @@ class Realiser:
                     layer=name,
                 )
             return wb[which]
+        if not torch.compiler.is_compiling() and in_backward():  # checkpointing's recomputation: never a
+            return self.recompute.tensor(self, i, which)  # realisation there (see recompute)
         if self.phase == IDLE:
             self.ensure_fresh()
         return self.cache[i][which]

@@ -24,7 +24,7 @@ from torch import Tensor, _VF, nn
 
 from .errors import ReferenceBatchError, UnsupportedLayerError
 from .layers import Adapter
-from .solver import ridge_solve
+from .solver import ridge_solve, solve_dtype
 
 __all__ = ["RNNAdapter"]
 
@@ -131,7 +131,8 @@ class RNNAdapter(Adapter):
                 context = self._previous(g, hx[k * self.dirs + d], reverse=d == 1)  # eq. 21
                 cols = [x, context] + ([x.new_ones(L, B, 1)] if self.has_bias else [])
                 a = torch.cat(cols, -1).reshape(1, L * B, -1)
-                wt = ridge_solve(a, t.reshape(1, L * B, self.hidden), solves, f"{name}.l{k}{s}", sums=False)[0][0]
+                wt = ridge_solve(a, t.reshape(1, L * B, self.hidden), solves.target(f"weight_ih_l{k}{s}"),
+                                 f"{name}.l{k}{s}", sums=False)[0][0]
                 w = wt.mT.to(t.dtype)  # (H, F + H [+1])
                 f = x.shape[-1]
                 tensors[f"weight_ih_l{k}{s}"] = w[:, :f].contiguous()
@@ -163,3 +164,22 @@ class RNNAdapter(Adapter):
         cols = sums[self.targets[0]].numel() // self.hidden
         return [(f + self.hidden + self.has_bias, cols, 1, self.hidden)
                 for f in self.in_sizes for _ in self.sfx]
+
+    def column_energy(self, module, args, output, sums):
+        """Per solve (layer k, direction): |column|² of A = [x(t); h(t−1)] over all t and sequences, with
+        h = g(S) (the true states under the current weights, as the planning pass ran them; with T = S, the
+        context estimate of eq. 21 too). Dropout between layers is left out."""
+        x, hx, unbatched = self._inputs(module, args, "?")
+        dtype = solve_dtype(x.dtype)
+        x, out = x.to(dtype), {}
+        for k in range(self.layers):
+            acts = []
+            for d, s in enumerate(self.sfx):
+                name = f"weight_ih_l{k}{s}"
+                g = self.act(self._time_major(sums[name], unbatched).to(dtype))
+                acts.append(g)
+                context = self._previous(g, hx[k * self.dirs + d].to(dtype), reverse=d == 1)
+                energy = x.square().sum(-1) + context.square().sum(-1)  # (L, B)
+                out[name] = energy.reshape(-1, 1), self.in_sizes[k] + self.hidden + self.has_bias
+            x = torch.cat(acts, -1)
+        return out

@@ -17,6 +17,8 @@ Cholesky ``info`` flags in :class:`Solves` and checks them once; only then is it
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from typing import Callable
 
@@ -26,8 +28,38 @@ from torch import Tensor
 
 from .errors import IllConditionedWarning, SolveError
 
-__all__ = ["ridge_solve", "with_ones", "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd",
+__all__ = ["ridge_solve", "autocast_on", "autocast_off", "full_precision", "with_ones", "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd",
            "plain_autograd", "Solves", "FactorCache", "prefers_inverse"]
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_on() -> list[str]:
+    """The device types on which autocast is on."""
+    return [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+
+
+def autocast_off() -> contextlib.AbstractContextManager:
+    """Autocast switched off where it is on. The reference pass (Algorithm 2: every Gram, Cholesky factor and
+    solve, and the layers between them on X̄) and the solves' backward run in the model's dtype, at least
+    float32 (``solve_dtype``), never in half precision; the training forward keeps the user's autocast."""
+    on = autocast_on()
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for d in on:
+        stack.enter_context(torch.autocast(d, enabled=False))
+    return stack
+
+
+def full_precision(fn):
+    """``fn`` (a custom Function's backward) with autocast off (``autocast_off``)."""
+    @functools.wraps(fn)
+    def run(*args):
+        with autocast_off():
+            return fn(*args)
+    return run
 
 
 def solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,7 +83,9 @@ def _add_diagonal(gram: Tensor, lam: float) -> Tensor:
 
 
 _FUSED_SHIFT_MAX = 512  # up to this size λI is kept and added by the product itself (addmm)
-_SHIFTS: dict = {}  # (d, λ, dtype, device) -> λI: at most 65 of at most 1 MiB each
+_SHIFTS: dict = {}  # (d, λ, dtype, device) -> λI, each at most 512²; emptied when it would pass:
+_SHIFTS_BUDGET = 128 << 20  # bytes in all (with lam_mode="relative" every layer has its own λ_j: one λI each)
+_shifts_bytes = [0]
 
 
 # From this size on, on these devices, a fresh Gram is formed one triangle at a time, in column blocks: the
@@ -90,9 +124,12 @@ def _shift_matrix(d: int, lam: float, dtype: torch.dtype, device: torch.device) 
     key = (d, lam, dtype, device)
     shift = _SHIFTS.get(key)
     if shift is None:
-        if len(_SHIFTS) > 64:
+        size = d * d * dtype.itemsize
+        if _shifts_bytes[0] + size > _SHIFTS_BUDGET:
             _SHIFTS.clear()
+            _shifts_bytes[0] = 0
         shift = _SHIFTS[key] = torch.eye(d, dtype=dtype, device=device) * lam
+        _shifts_bytes[0] += size
     return shift
 
 
@@ -156,9 +193,12 @@ class FactorCache:
         self.input: Tensor | None = None
         self.entry: tuple | None = None
         self.source: tuple | None = None
+        self.lam: float | None = None  # the λ the entry was computed with
 
-    def lookup(self, x: Tensor):
-        if x.requires_grad or self.input is None:
+    def lookup(self, x: Tensor, lam: float | None = None):
+        """The stored entry if ``x`` is the stored input, unchanged, and ``lam`` the stored entry's λ (a
+        factor of ``Gram + λI`` is no factor for another λ: ``lam_mode="relative"`` can load one)."""
+        if x.requires_grad or self.input is None or lam != self.lam:
             return None
         if self.source is not None and self.source[0] is x and self.source[1:] == contents_version(x):
             return self.entry  # the very tensor compared or stored before, unchanged since
@@ -168,9 +208,10 @@ class FactorCache:
         self.source = (x, *contents_version(x))
         return self.entry
 
-    def store(self, x: Tensor, entry: tuple) -> None:
+    def store(self, x: Tensor, entry: tuple, lam: float | None = None) -> None:
         if not x.requires_grad:
             self.input, self.entry, self.source = x.detach().clone(), entry, (x, *contents_version(x))
+            self.lam = lam
 
     def __deepcopy__(self, memo):
         return FactorCache()  # a cache, not state
@@ -188,7 +229,14 @@ class Solves:
 
     Deferred (the default): each factor's Cholesky ``info`` is kept and :meth:`failed` checks them all at
     once. Careful: each factor is checked at once and repaired by :func:`factor_gram`.
+
+    λ is ``self.lam`` in every place it enters a solve (the factor, the fixed input's projections, the
+    double-backward reference ``ctx.lam``). With ``lam_mode="relative"`` each layer, and each solve of an
+    nn.RNN, has its own λ_j: :meth:`scoped` and :meth:`target` give views with that λ which share this
+    realisation's deferred flags.
     """
+
+    lams: dict | None = None  # per target name: λ_j of that solve (a view made by ``scoped``)
 
     def __init__(self, lam: float, careful: bool = False, fixed: tuple = ()):
         self.lam, self.careful, self.infos, self.fixed = float(lam), careful, [], fixed
@@ -196,13 +244,33 @@ class Solves:
         # one that merely has no graph (under no_grad), so only such a pass fills a FactorCache.
         self.fills_cache = torch.is_grad_enabled()
 
+    def _view(self, lam: float, lams: dict | None) -> Solves:
+        view = object.__new__(Solves)
+        view.__dict__.update(self.__dict__)  # the same ``infos`` list: one deferred check for all
+        view.lam, view.lams = lam, lams
+        return view
+
+    def scoped(self, lams: dict[str, float] | None) -> Solves:
+        """The solves of one layer whose targets have their own λ_j (``lams``, by target name; None: this
+        one). The view's ``lam`` is that of the layer's first target (Linear and Conv have one)."""
+        lams = {n: lam for n, lam in lams.items() if lam is not None} if lams else None
+        if not lams:
+            return self
+        return self._view(next(iter(lams.values())), lams)
+
+    def target(self, name: str) -> Solves:
+        """The solves of the target ``name`` of a layer with several solves (nn.RNN: one per layer and
+        direction): a view with its λ_j, or this one when it has none."""
+        lam = self.lams.get(name) if self.lams else None
+        return self if lam is None or lam == self.lam else self._view(lam, self.lams)
+
     def factor(self, gram: Callable[[], Tensor] | tuple[Tensor, Tensor], layer: str, x: Tensor,
                cache: FactorCache | None, cols: int):
         """``(factor, shift, inverse)`` for ``K = Gram + λI`` and right-hand sides of ``cols`` columns: the
         Cholesky factor, or ``K⁻¹`` itself where that is cheaper (``prefers_inverse``; ``cols = 0``: never).
         ``gram``: a function returning a fresh Gram, or the pair ``(a, b)`` whose product it is; only used
         when the cache misses."""
-        hit = cache.lookup(x) if cache is not None and not self.careful else None
+        hit = cache.lookup(x, self.lam) if cache is not None and not self.careful else None
         if hit is not None and hit[0] == "factor":
             _, factor, shift, inverse, info = hit
             self.infos.append(info)
@@ -223,7 +291,7 @@ class Solves:
             if inverse:
                 factor = _inverse_from_upper(factor)
         if cache is not None and self.fills_cache:
-            cache.store(x, ("factor", factor, shift, inverse, info))
+            cache.store(x, ("factor", factor, shift, inverse, info), self.lam)
         return factor, shift, inverse
 
     def is_fixed(self, x: Tensor) -> bool:
@@ -237,7 +305,7 @@ class Solves:
         ``W = PY`` and ``S = XW = Y − QY`` are products. The layer always takes this path, so its weights do not
         depend on whether the cache is warm. None when the float64 factorisation fails (the layer is then
         solved as any other)."""
-        hit = cache.lookup(key) if cache is not None else None
+        hit = cache.lookup(key, self.lam) if cache is not None else None
         if hit is not None and hit[0] == "projections":
             return hit[1]
         x = inputs()
@@ -250,7 +318,7 @@ class Solves:
         inverse = torch.cholesky_inverse(factor)
         fixed = (x64.mT @ inverse).to(x.dtype), (self.lam * inverse).to(x.dtype)
         if cache is not None:
-            cache.store(key, ("projections", fixed))
+            cache.store(key, ("projections", fixed), self.lam)
         return fixed
 
     def flags(self) -> Tensor | None:
@@ -397,13 +465,16 @@ class _Ridge(torch.autograd.Function):
             w = solve_with(_mm(xt, y), factor, ctx.inverse)
             s = _mm(x, w) if sums else w.new_empty(0)
             out = _outputs(ctx.split, w, s, ones)
-            # what the backward's products take, not built again there: x with its ones column, Xᵀ, and the
-            # weight rows' transpose (with split, nn.Linear's weight: the output itself)
-            ctx.save_for_backward(key, y, w, factor, s, x, xt, out[0] if ctx.split else None)
+            # what the backward's products take, not built again there: the residual Y − S (saved rather than
+            # S, which is handed out and may be changed in place, e.g. by ReLU(inplace=True)), x with its ones
+            # column, Xᵀ, and the weight rows' transpose (with split, nn.Linear's weight: the output itself)
+            residual = (y - s if sums else y - _mm(x, w)) if ctx.needs_input_grad[0] else None
+            ctx.save_for_backward(key, y, w, factor, residual, x, xt, out[0] if ctx.split else None)
             return out
         return _outputs(ctx.split, w, s, ones)
 
     @staticmethod
+    @full_precision
     def backward(ctx, *grads):
         x0, y, w, factor, extra, *kept = ctx.saved_tensors
         gw, gs = _unsplit(ctx.ones, grads, w) if ctx.split else grads
@@ -440,7 +511,6 @@ class _Ridge(torch.autograd.Function):
                 gx = -_mm(m, vx) if gw is None else _mm(m, (_rows(gw) if ctx.ones else gw).mT - vx)
                 gx = _addmm_(gx, v, wx.mT, alpha=-1.0)
         else:
-            s = extra if ctx.sums else _mm(x, w)
             xt = kept[1]
             if gs is None:
                 g = gw
@@ -451,7 +521,7 @@ class _Ridge(torch.autograd.Function):
             if need_x:
                 wxt = kept[2] if kept[2] is not None else (_rows(w) if ctx.ones else w).mT
                 zx = _rows(z) if ctx.ones else z
-                gx = _addmm_(_mm((gs - gy) if gs is not None else -gy, wxt), y - s, zx.mT)
+                gx = _addmm_(_mm((gs - gy) if gs is not None else -gy, wxt), extra, zx.mT)  # extra: Y − S
         return gx, (gy if need_y else None), *_NONE
 
 

@@ -308,3 +308,211 @@ def test_reference_agrees_with_finite_differences():
                 minus[j].view(-1)[idx] -= eps
                 fd.view(-1)[idx] = (f(plus) - f(minus)) / (2 * eps)
             assert rel_err(expected[j], fd) < 1e-6, (cascade, j)
+
+
+# ------------------------------------------------------------------------------------------- conv layers
+# The same recursion for Conv2d layers (section 4.2): per group, A[0:j) is the im2col matrix of the layer's
+# input, taken by F.unfold from the input itself (columns ordered (n, position), rows (c, k_h, k_w), the ones
+# row on top), T_j and S_j are the group's output channels in the same column order, and δA[0:j) (ones row
+# dropped) goes back onto the input image by F.fold (col2im, the adjoint of unfold: overlapping patches add,
+# padding is cut off). The training pass is F.conv2d / F.linear with each group's W as an autograd leaf.
+class ConvNet(nn.Module):
+    """Conv2d 3→6 (stride 1, padding 1), Conv2d 6→6 (stride 2, padding 1, 3 groups), Conv2d 6→4 (padding 1,
+    no bias), tanh after each, then a Linear on the flattened 4×4×4 activations. Input 8×8."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=3),
+                                     nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.Linear(64, 3)])
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.tanh(layer(x))
+        return self.layers[-1](x.flatten(1))
+
+
+def _groups(layer):
+    return getattr(layer, "groups", 1)
+
+
+def conv_cols(layer, inp):
+    """Per group, A[0:j) (columns = patterns) of ``layer`` on the input image ``inp``, ones row on top."""
+    if isinstance(layer, nn.Linear):
+        blocks = [inp.flatten(1).T]
+    else:
+        cols = F.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (n, C·k, L)
+        n, rows, positions = cols.shape
+        d = rows // layer.groups
+        blocks = [cols[:, g * d:(g + 1) * d].permute(1, 0, 2).reshape(d, n * positions) for g in range(layer.groups)]
+    if layer.bias is not None:
+        blocks = [torch.cat([torch.ones(1, b.shape[1], dtype=DT), b], 0) for b in blocks]
+    return blocks
+
+
+def out_cols(layer, t):
+    """Per group, the output-shaped ``t`` (n, C_out, H, W) or (n, o) as d_out/G × (n·positions) columns."""
+    if isinstance(layer, nn.Linear):
+        return [t.T]
+    n, o = t.shape[:2]
+    og = o // layer.groups
+    return [t[:, g * og:(g + 1) * og].reshape(n, og, -1).permute(1, 0, 2).reshape(og, -1) for g in range(layer.groups)]
+
+
+def out_image(layer, blocks, shape):
+    """The inverse of ``out_cols``."""
+    if isinstance(layer, nn.Linear):
+        return blocks[0].T.reshape(shape)
+    return torch.cat([b.reshape(b.shape[0], shape[0], -1).permute(1, 0, 2) for b in blocks], 1).reshape(shape)
+
+
+def fold_input(layer, blocks, shape):
+    """col2im: per-group δA rows (ones row dropped) back onto the layer's input image of ``shape``."""
+    if isinstance(layer, nn.Linear):
+        return blocks[0].T.reshape(shape)
+    cols = torch.cat([b.reshape(b.shape[0], shape[0], -1).permute(1, 0, 2) for b in blocks], 1)
+    return F.fold(cols, shape[2:], layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+
+
+def apply_layer(layer, inp, Ws):
+    """Algorithm 1 for one layer with the per-group augmented weights ``Ws`` (bias = first column)."""
+    has_bias = layer.bias is not None
+    w = torch.cat([W[:, 1:] if has_bias else W for W in Ws], 0)
+    b = torch.cat([W[:, 0] for W in Ws]) if has_bias else None
+    if isinstance(layer, nn.Linear):
+        return F.linear(inp.flatten(1), w, b)
+    return F.conv2d(inp, w.reshape(layer.weight.shape), b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def algorithm2_conv(net, targets, xbar, lam, cascade):
+    """Algorithm 2 on ``net``'s layers from their targets (library layout, e.g. (n̄, C, H, W)): per layer the
+    per-group W, S, A, M = (AAᵀ+λI)⁻¹, and S as an image."""
+    inp, out = xbar, []
+    for j, layer in enumerate(net.layers):
+        As, Ts = conv_cols(layer, inp), out_cols(layer, targets[j])
+        rec = dict(As=As, Ws=[], Ss=[], Ms=[], in_shape=inp.shape)
+        for A, T in zip(As, Ts):
+            gram = A @ A.T + lam * torch.eye(A.shape[0], dtype=DT)
+            W = torch.linalg.solve(gram, A @ T.T).T  # T A^‡
+            rec["Ws"].append(W), rec["Ss"].append(W @ A), rec["Ms"].append(torch.linalg.inv(gram))
+        rec["S"] = out_image(layer, rec["Ss"], targets[j].shape)
+        out.append(rec)
+        inp = torch.tanh(rec["S"] if cascade == "sequential" else targets[j])
+    return out
+
+
+def algorithm3_conv(net, targets, xbar, x, lam, cascade, loss_fn):
+    """Explicit dL/dT_j (library layout) of ``net``: the recursion of ``algorithm3``, per group, with δA folded
+    back onto each layer's input image (``fold_input``)."""
+    recs = algorithm2_conv(net, targets, xbar, lam, cascade)
+    leaves = [[W.detach().clone().requires_grad_(True) for W in rec["Ws"]] for rec in recs]
+    inp = x
+    for j, layer in enumerate(net.layers):
+        out = apply_layer(layer, inp, leaves[j])
+        inp = torch.tanh(out)
+    flat = torch.autograd.grad(loss_fn(out), [W for ws in leaves for W in ws])
+    Gs, k = [], 0
+    for ws in leaves:
+        Gs.append(flat[k:k + len(ws)])
+        k += len(ws)
+    L = len(recs)
+    dA = [torch.zeros_like(rec["S"]) for rec in recs[:-1]]
+    dT = [None] * L
+    for j in reversed(range(L)):
+        layer, rec = net.layers[j], recs[j]
+        has_bias = layer.bias is not None
+        last = j == L - 1
+        if cascade == "sequential":
+            dS = out_cols(layer, torch.zeros_like(rec["S"]) if last else dA[j] * (1 - torch.tanh(rec["S"]) ** 2))
+        dTs, dAins = [], []
+        for g, (W, S, A, M, G, T) in enumerate(zip(rec["Ws"], rec["Ss"], rec["As"], rec["Ms"], Gs[j],
+                                                   out_cols(layer, targets[j]))):
+            if cascade == "sequential":
+                Gbar = G + dS[g] @ A.T
+                dTg = Gbar @ M @ A
+                dAin = W.T @ (dS[g] - dTg) + M @ Gbar.T @ (T - S)
+            else:
+                dTg = G @ M @ A
+                dAin = -W.T @ dTg + M @ G.T @ (T - S)
+            dTs.append(dTg)
+            dAins.append(dAin[1:] if has_bias else dAin)
+        dT[j] = out_image(layer, dTs, targets[j].shape)
+        if cascade == "optimistic" and not last:
+            dT[j] = dT[j] + dA[j] * (1 - torch.tanh(targets[j]) ** 2)
+        if j > 0:
+            dA[j - 1] = dA[j - 1] + fold_input(layer, dAins, rec["in_shape"])
+    return dT, recs
+
+
+def test_conv_reference_agrees_with_finite_differences():
+    """Guard on the conv reference itself: central differences of the Algorithm 2 + training-pass composition."""
+    torch.manual_seed(11)
+    net = ConvNet().to(DT)
+    gen = torch.Generator().manual_seed(11)
+    xbar, x = torch.randn(2, 3, 8, 8, generator=gen, dtype=DT), torch.randn(3, 3, 8, 8, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (3,), generator=gen)
+    shapes = [(2, 6, 8, 8), (2, 6, 4, 4), (2, 4, 4, 4), (2, 3)]
+    targets = [0.5 * torch.randn(s, generator=gen, dtype=DT) for s in shapes]
+    lam = 0.1
+    loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    for cascade in ("sequential", "optimistic"):
+        expected, _ = algorithm3_conv(net, targets, xbar, x, lam, cascade, loss_fn)
+
+        def f(ts):
+            inp = x
+            for layer, rec in zip(net.layers, algorithm2_conv(net, ts, xbar, lam, cascade)):
+                out = apply_layer(layer, inp, rec["Ws"])
+                inp = torch.tanh(out)
+            return loss_fn(out)
+
+        eps = 1e-6
+        for j in range(len(targets)):
+            idx = torch.randperm(targets[j].numel(), generator=gen)[:12]  # a sample of coordinates per layer
+            for i in idx.tolist():
+                plus = [t.clone() for t in targets]
+                minus = [t.clone() for t in targets]
+                plus[j].view(-1)[i] += eps
+                minus[j].view(-1)[i] -= eps
+                fd = (f(plus) - f(minus)) / (2 * eps)
+                assert abs(fd - expected[j].reshape(-1)[i]) < 1e-7 * (1 + expected[j].abs().max()), (cascade, j, i)
+
+
+@pytest.mark.parametrize("nbar", [5, 2], ids=["primal", "dual-last-conv"])
+@pytest.mark.parametrize("cascade", ["sequential", "optimistic"])
+def test_conv_target_gradient_matches_algorithm3(nbar, cascade):
+    """Conv2d layers with stride, padding, groups and with and without a bias, away from the projected point
+    (T ≠ S): the library's dL/dT and realised weights against ``algorithm3_conv`` (F.unfold / F.fold). With
+    n̄ = 5 every conv is solved in the primal conv form (``_ConvRidge``); with n̄ = 2 the unbiased conv has
+    fewer columns (32) than rows (54) and is solved in the dual form, the strided grouped one still primal."""
+    gen = torch.Generator().manual_seed(nbar)
+    torch.manual_seed(nbar)
+    model = ConvNet().to(DT)
+    xbar = torch.randn(nbar, 3, 8, 8, generator=gen, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank deficiency (n̄ = 2) and the size of λ are beside the point here
+        tp.to_target_space(model, xbar, lam=0.1, init="random", cascade=cascade)
+    with torch.no_grad():
+        for layer in model.layers:
+            T = layer.parametrizations.weight.original
+            T.add_(0.3 * torch.randn(T.shape, generator=gen, dtype=DT))
+    x = torch.randn(7, 3, 8, 8, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    targets = [layer.parametrizations.weight.original.detach().clone() for layer in model.layers]
+    expected, recs = algorithm3_conv(model, targets, xbar, x, 0.1, cascade, lambda out: F.cross_entropy(out, y))
+
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for j, layer in enumerate(model.layers):
+        got = layer.parametrizations.weight.original.grad
+        assert got is not None and got.shape == expected[j].shape, f"layer {j}"
+        assert expected[j].norm() > 1e-6, "degenerate test: zero expected gradient"
+        assert rel_err(got, expected[j]) < 1e-8, f"layer {j}: dL/dT differs from Algorithm 3"
+        # T − S ≠ 0, so the (AAᵀ+λI)⁻¹ … (T − S) term (folded onto the input) is exercised
+        assert rel_err(recs[j]["S"], targets[j]) > 1e-3
+    with torch.no_grad():
+        for j, layer in enumerate(model.layers):
+            Ws = recs[j]["Ws"]
+            has_bias = layer.bias is not None
+            w = torch.cat([W[:, 1:] if has_bias else W for W in Ws], 0).reshape(layer.weight.shape)
+            assert rel_err(layer.weight, w) < 1e-9, f"layer {j}: weight differs from Algorithm 2"
+            if has_bias:
+                assert rel_err(layer.bias, torch.cat([W[:, 0] for W in Ws])) < 1e-9, f"layer {j}: bias"

@@ -54,10 +54,80 @@ def test_project_init_preserves_function(cascade):
     assert torch.allclose(m(x), before, atol=1e-6)
 
 
+def ridge(a, t, lam, bias=True):
+    """Eq. 6 written out, independently of the library: ``W[0:j] = T A^‡``, ``A^‡ = Aᵀ(AAᵀ + λI)⁻¹``, with A
+    the input ``a`` (N × d, rows = patterns) and a ones row for the bias. Returns nn.Linear's (weight, bias)."""
+    if bias:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    A, T = a.T, t.T  # the paper's column layout
+    W = torch.linalg.solve(A @ A.T + lam * torch.eye(A.shape[0], dtype=a.dtype), A @ T.T).T
+    return (W[:, :-1], W[:, -1]) if bias else (W, None)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def explicit_shortcut_mlp(targets, ref, x, lam):
+    """conftest.ShortcutMLP (tanh, all shortcuts) in target space, written out in float64: Algorithm 2 (SCU)
+    on ``ref`` in forward order, each layer's weights by ``ridge``, then Algorithm 1 on ``x``."""
+    feats_ref, feats_x = [ref], [x]
+    for j, t in enumerate(targets):
+        w, b = ridge(torch.cat(feats_ref, 1), t, lam)
+        s_ref, s_x = torch.cat(feats_ref, 1) @ w.T + b, torch.cat(feats_x, 1) @ w.T + b
+        if j < len(targets) - 1:
+            feats_ref.append(torch.tanh(s_ref))
+            feats_x.append(torch.tanh(s_x))
+    return s_x
+
+
 def test_training_loop_unchanged_and_loss_decreases():
+    """The ordinary training loop trains the targets: one SGD step and two Adam steps equal the same steps
+    taken by hand with dL/dT from autograd through the explicit float64 eq. 6 / Algorithm 2 map
+    (``explicit_shortcut_mlp``), and the loss then decreases."""
     m, ref = converted_mlp()
     x, y = torch.randn(64, 2, dtype=torch.float64), torch.randint(0, 2, (64,))
-    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    targets = [lin.parametrizations.weight.original for lin in m.layers]
+    taus = [t.detach().clone() for t in targets]
+
+    def reference_grads(taus):
+        leaves = [t.clone().requires_grad_(True) for t in taus]
+        loss = F.cross_entropy(explicit_shortcut_mlp(leaves, ref, x, 1e-3), y)
+        return loss.item(), torch.autograd.grad(loss, leaves)
+
+    # SGD (scale-sensitive: a gradient off by a factor fails here, though Adam's first step would hide it)
+    lr = 0.5
+    opt = torch.optim.SGD(m.parameters(), lr)
+    opt.zero_grad()
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    opt.step()
+    ref_loss, grads = reference_grads(taus)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
+    for t, tau, g in zip(targets, taus, grads):
+        assert g.norm() > 1e-6
+        assert rel_err(t.grad, g) < 1e-7
+        assert rel_err(t.detach() - tau, -lr * g) < 1e-7
+    taus = [t.detach().clone() for t in targets]
+
+    # Adam, by hand (Kingma and Ba, with PyTorch's defaults)
+    lr, (b1, b2), eps = 1e-2, (0.9, 0.999), 1e-8
+    opt = torch.optim.Adam(m.parameters(), lr)
+    start = [t.clone() for t in taus]
+    mom = [torch.zeros_like(t) for t in taus]
+    var = [torch.zeros_like(t) for t in taus]
+    for step in (1, 2):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        _, grads = reference_grads(taus)
+        for i, g in enumerate(grads):
+            mom[i] = b1 * mom[i] + (1 - b1) * g
+            var[i] = b2 * var[i] + (1 - b2) * g * g
+            taus[i] = taus[i] - lr * (mom[i] / (1 - b1**step)) / ((var[i] / (1 - b2**step)).sqrt() + eps)
+        for t, tau, before in zip(targets, taus, start):
+            assert rel_err(t.detach() - before, tau - before) < 1e-7
+
     losses = []
     for _ in range(20):
         opt.zero_grad()
@@ -180,21 +250,97 @@ def test_batchnorm_stats_untouched_and_mode_restored():
 
 
 def test_dropout_follows_model_mode_in_reference_pass():
+    """Eval: the reference pass skips dropout, so realisation after realisation gives the same weights, those
+    of eq. 6 solved (``ridge``) on the dropout-free input. Train: it drops (footnote 6), so they differ."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3))
-    ref = torch.randn(32, 4)
+    m = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+    ref = torch.randn(32, 4, dtype=torch.float64)
     tp.to_target_space(m, ref, lam=1e-3)
-    x = torch.randn(5, 4)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    t0, t2 = (m[i].parametrizations.weight.original for i in (0, 2))
     m.eval()
     with torch.no_grad():
-        w_eval = m[2].weight.clone()
-        assert torch.equal(m[2].weight, w_eval)  # eval: deterministic and cached
+        w0, b0 = ridge(ref, t0, 1e-3)
+        w2, b2 = ridge(ref @ w0.T + b0, t2, 1e-3)  # layer 2's input without dropout: S_0 (SCU)
+        seen = []
+        for _ in range(3):
+            n = tp.realisations(m)
+            t0.add_(0.0)  # an in-place edit (same values): the next forward realises again
+            m(x)
+            assert tp.realisations(m) == n + 1
+            seen.append(m[2].weight.clone())
+            torch.testing.assert_close(m[2].weight, w2, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(m[2].bias, b2, rtol=1e-8, atol=1e-10)
+        assert all(torch.equal(w, seen[0]) for w in seen)
     m.train()
     m(x)
     w1 = m[2].weight.detach().clone()
     m(x)
     w2 = m[2].weight.detach().clone()
     assert not torch.equal(w1, w2)  # train mode: the reference pass drops too (footnote 6)
+
+
+@pytest.mark.parametrize("edit", ["reference", "running_mean", "running_var"])
+def test_in_place_buffer_edit_realises_again_in_eval_mode(edit):
+    """Eval mode, no_grad: an in-place edit of a buffer the reference pass reads (the reference batch, a
+    BatchNorm's running statistics) makes the next forward realise again, with the weights of eq. 6
+    (``ridge``) on the new input, BatchNorm's eval formula written out."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2.0)
+    ref = torch.randn(20, 3, dtype=torch.float64)
+    tp.to_target_space(m, ref, lam=1e-3)
+    m.eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        m(x)
+        n = tp.realisations(m)
+        m(x)
+        assert tp.realisations(m) == n  # nothing changed: no realisation
+        buf = {"reference": m.target_space_reference, "running_mean": m[1].running_mean,
+               "running_var": m[1].running_var}[edit]
+        buf.mul_(2)
+        out = m(x)
+        assert tp.realisations(m) == n + 1
+        bn = m[1]
+        t0, t3 = (m[i].parametrizations.weight.original for i in (0, 3))
+        w0, b0 = ridge(m.target_space_reference, t0, 1e-3)
+        s0 = m.target_space_reference @ w0.T + b0
+        a3 = torch.tanh((s0 - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias)
+        w3, b3 = ridge(a3, t3, 1e-3)
+        for got, want in ((m[0].weight, w0), (m[0].bias, b0), (m[3].weight, w3), (m[3].bias, b3)):
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+        h = torch.tanh((x @ w0.T + b0 - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias)
+        torch.testing.assert_close(out, h @ w3.T + b3, rtol=1e-8, atol=1e-10)
+
+
+def test_optimistic_with_in_place_relu_leaves_targets_unchanged():
+    """OCU (eq. 8) passes a copy of T_j on: a ReLU(inplace=True) after the layer changes that copy, never the
+    target (bit-for-bit, in a no_grad and in a grad-enabled realisation), and the next layer is solved from
+    g(T_j) = relu(T_j) (``ridge``)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)).double()
+    ref = torch.randn(20, 3, dtype=torch.float64)
+    tp.to_target_space(m, ref, lam=1e-3, cascade="optimistic", init="random")
+    t0, t2 = (m[i].parametrizations.weight.original for i in (0, 2))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        t0.copy_(torch.randn(t0.shape, dtype=t0.dtype))  # an in-place edit: the next forward realises
+        assert (t0 < 0).any()  # else the ReLU would change nothing
+        before = [t0.clone(), t2.clone()]
+        n = tp.realisations(m)
+        m(x)
+        assert tp.realisations(m) == n + 1
+        assert torch.equal(t0, before[0]) and torch.equal(t2, before[1])
+        w0, b0 = ridge(ref, t0, 1e-3)
+        w2, b2 = ridge(torch.relu(t0), t2, 1e-3)
+        for got, want in ((m[0].weight, w0), (m[0].bias, b0), (m[2].weight, w2), (m[2].bias, b2)):
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    m(x).sum().backward()  # a grad-enabled realisation
+    assert torch.equal(t0, before[0]) and torch.equal(t2, before[1])
+    assert t0.grad is not None and t0.grad.abs().sum() > 0
 
 
 def test_optimistic_passes_targets_on():

@@ -684,26 +684,53 @@ def low_rank_matrices(draw):
     return a, r
 
 
+def library_dagger(a: torch.Tensor, lam: float) -> torch.Tensor:
+    """The library's A^‡ (N × d) for A (d × N): a bias-free nn.Linear(d, N) converted on the reference batch Aᵀ,
+    with its target set to the identity, realises the weight W = T A^‡ = A^‡ (eq. 6)."""
+    d, n = a.shape
+    lin = nn.Linear(d, n, bias=False).to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank-deficient or ill-conditioned draws are the point here
+        tp.to_target_space(lin, a.T.contiguous(), lam=lam)
+        with torch.no_grad():
+            lin.parametrizations.weight.original.copy_(torch.eye(n, dtype=DT))
+            return lin.weight.detach().clone()
+
+
 @settings(max_examples=300, deadline=None)
 @given(ar=low_rank_matrices(), lam=st.floats(-4.0, 2.0).map(lambda e: 10.0**e))
 def test_lemma1(ar, lam):
     """Lemma 1 (appendix C): A A^‡ A^⋄ = A for every real A (any shape and rank) and λ > 0, where
     A^‡ = Aᵀ(AAᵀ+λI)⁻¹ and A^⋄ = A + λ(A⁺)ᵀ. (ALGORITHMS.md writes "A^‡ A^⋄ A", which only type-checks for
     square A and is false in general; the SVD proof in the paper multiplies A·A^‡·A^⋄.) The mirrored
-    A^⋄ A^‡ A = A holds too, since A^‡A^⋄ = A⁺A and A^⋄A^‡ = AA⁺ (orthogonal projections).
+    A^⋄ A^‡ A = A holds too, since A^‡A^⋄ = A⁺A and A^⋄A^‡ = AA⁺ (orthogonal projections). A^‡ is the
+    library's (``library_dagger``: the weight a converted layer realises); A^⋄ and A⁺ are independent (pinv).
+    Hence (Theorem 3) the targets T = W* A^⋄ realise a W with W A = W* A, checked for a random W*.
 
     Tolerance: with singular values σ, A A^‡ A^⋄ acts as σ·σ/(σ²+λ)·(σ+λ/σ); the pinv of the tiny spurious
     singular values (≈ ε·σ_max) of a numerically rank-deficient product is cut by pinv's rtol, so the error is
     bounded by c·ε·(σ_max + λ/σ_r)·κ-type factors: we use c·ε·(||A|| + λ/σ_r)·(1 + (||A||² + λ)/λ) ."""
     a, r = ar
-    dag, dia = dagger(a, lam), diamond(a, lam)
+    dag, dia = library_dagger(a, lam), diamond(a, lam)
     sv = torch.linalg.svdvals(a) if a.numel() else torch.zeros(1, dtype=DT)
     smax = float(sv.max()) if sv.numel() else 0.0
     sr = float(sv[r - 1]) if r > 0 else 1.0
     tol = 1e3 * EPS * (smax + lam / sr + 1) * (1 + (smax**2 + lam) / lam)
+    assert (dag - dagger(a, lam)).abs().max() <= tol  # the library's A^‡ is eq. 6's
     assert (a @ dag @ dia - a).abs().max() <= tol
     assert (dia @ dag @ a - a).abs().max() <= tol
     pinv = torch.linalg.pinv(a)
     # the projection identities behind them
     assert (dag @ dia - pinv @ a).abs().max() <= tol
     assert (dia @ dag - a @ pinv).abs().max() <= tol
+    # Theorem 3's use: a converted layer given the targets W* A^⋄ acts on A as W* does
+    d, n = a.shape
+    w_star = torch.randn(3, d, dtype=DT, generator=torch.Generator().manual_seed(d * 8 + n))
+    lin = nn.Linear(d, 3, bias=False).to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tp.to_target_space(lin, a.T.contiguous(), lam=lam)
+        with torch.no_grad():
+            lin.parametrizations.weight.original.copy_((w_star @ dia).T)
+            w = lin.weight.detach().clone()
+    assert (w @ a - w_star @ a).abs().max() <= tol * (1 + float(w_star.abs().sum(1).max()))
