@@ -8,8 +8,9 @@ Fairbank, Samothrakis and Citi, "Deep Learning in Target Space", JMLR 23 (2022).
     tp.to_weight_space(model)                       # a plain model again
 
 Modules: ``convert`` (the public verbs), ``realise`` (Algorithm 2, the reference pass), ``solver``
-(eq. 6-7 and 23 by Cholesky), ``layers`` (Linear/Conv adapters), ``plan`` (torch.fx planning and ``explain``), ``parametrization`` (the
-torch.nn.utils.parametrize hook-up), ``errors`` (named exceptions).
+(eq. 6-7 and 23 by Cholesky), ``layers`` (Linear/Conv adapters), ``recurrent`` (nn.RNN, Algorithm 5), ``plan``
+(torch.fx planning and ``explain``), ``parametrization`` (the torch.nn.utils.parametrize hook-up),
+``recompute`` (weight reads inside a backward: activation checkpointing), ``errors`` (named exceptions).
 """
 from .convert import explain, is_target_space, realisations, to_target_space, to_weight_space
 from .errors import *  # noqa: F401,F403

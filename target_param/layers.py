@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from .errors import ReferenceBatchError
 from .gram import shift_gram
-from .solver import (FactorCache, Solves, full_precision, plain_autograd, regrad, ridge_autograd, ridge_solve,
-                     solve_dtype, solve_with, uses_dual, with_ones)
+from .solver import (FactorCache, Solves, full_precision, handed_out, plain_autograd, regrad, ridge_autograd,
+                     ridge_solve, solve_dtype, solve_with, still_unchanged, uses_dual, with_ones)
 
 __all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate",
            "SUPPORTED", "CANDIDATES"]
@@ -270,7 +270,7 @@ class ConvAdapter(FeedForwardAdapter):
         t = targets["weight"]
         dtype = solve_dtype(t.dtype)
         x = args[0].to(dtype)
-        if self.nd == 2 and x.device.type in CHANNELS_LAST_DEVICES:  # the layout the products run fastest in
+        if self.nd == 2 and x.device.type in CHANNELS_LAST_DEVICES and _channels_last_safe(x):  # fastest layout
             x = x.contiguous(memory_format=torch.channels_last)  # (a no-op after the first such layer)
         a = self.patches_at(x, self.positions(module))
         y = t.to(dtype).reshape(t.shape[0], self.groups, -1).transpose(0, 1)
@@ -358,7 +358,8 @@ class ConvAdapter(FeedForwardAdapter):
         out_dtype = t.dtype
         dtype = solve_dtype(out_dtype)
         x, t = args[0].to(dtype), t.to(dtype)
-        if self.nd == 2 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        if self.nd == 2 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) \
+                and _channels_last_safe(x):
             x = x.contiguous(memory_format=torch.channels_last)  # the targets' layout (see target_layout)
         wt, s = _ConvRidge.apply(x if self.native else self.pad_input(x), t, self, solves, name)
         return self.tensors_of(wt, out_dtype), s.to(out_dtype)
@@ -413,6 +414,13 @@ _SHIFT_GRAM_MIN = 4
 # (cnn-approx step: 0.949 and 0.925 in 24 A/B pairs). Not measured on CUDA: there it stays NCHW.
 CHANNELS_LAST_DEVICES = {"cpu"}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _channels_last_safe(x: Tensor) -> bool:
+    """Whether ``x`` may be made channels_last: not when a spatial dimension is 1 (torch 2.14's CPU conv2d
+    crashes the process on a channels_last input of width 1 with a dilated, padded 1×1 kernel; found by
+    tests/test_fuzz.py). Such inputs stay NCHW, which the products accept beside channels_last targets."""
+    return min(x.shape[2:]) > 1
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -434,14 +442,14 @@ class _ConvRidge(torch.autograd.Function):
         w = solve_with(ad.cross(x, t), factor, ctx.inverse)
         s = ad.conv(x, w)
         ctx.ad, ctx.lam, ctx.layer = ad, solves.lam, layer
-        # the residual T − S, not S: S is handed out and may be changed in place (ReLU(inplace=True))
-        ctx.save_for_backward(x, t, w, factor, t - s if ctx.needs_input_grad[0] else None)
+        ctx.sums_kept = handed_out(s) if ctx.needs_input_grad[0] else None  # S, which may change in place
+        ctx.save_for_backward(x, t, w, factor)
         return w, s
 
     @staticmethod
     @full_precision
     def backward(ctx, gw, gs):
-        x, t, w, factor, residual = ctx.saved_tensors
+        x, t, w, factor = ctx.saved_tensors
         ad = ctx.ad
         need_x, need_t = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain im2col formula instead
@@ -458,7 +466,9 @@ class _ConvRidge(torch.autograd.Function):
         xz = ad.conv(x, z)  # dL/dT
         gx = None
         if need_x:
-            gx = ad.fold(x.shape, z, residual) + ad.fold(x.shape, w, (gs - xz) if gs is not None else -xz)
+            s = still_unchanged(ctx.sums_kept)
+            s = ad.conv(x, w) if s is None else s
+            gx = ad.fold(x.shape, z, t - s) + ad.fold(x.shape, w, (gs - xz) if gs is not None else -xz)
         return gx, (xz if need_t else None), None, None, None
 
 

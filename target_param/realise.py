@@ -510,13 +510,13 @@ class Realiser:
                 self.depth += 1  # the root called inside its own forward
             return None
         self.depth = 0
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        if torch._C._is_tracing() or torch.compiler.is_exporting():
             raise UnsupportedHabitError(
                 "A converted model cannot be traced or exported: its weights are recomputed from the targets by "
                 "a reference pass in Python at every training forward (Algorithm 2).",
                 "Convert it back first, tp.to_weight_space(model), then trace or export the plain model (the "
                 "same function, at zero inference cost).",
-                tracer="torch.jit.trace" if torch.jit.is_tracing() else "torch.export",
+                tracer="torch.jit.trace" if torch._C._is_tracing() else "torch.export",
             )
         if in_backward():  # checkpointing's recomputation: the weights of the first forward (see recompute)
             self.phase = FORWARD

@@ -37,6 +37,8 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 def autocast_on() -> list[str]:
     """The device types on which autocast is on."""
+    if not torch._C._is_any_autocast_enabled():
+        return []
     return [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
 
 
@@ -57,6 +59,8 @@ def full_precision(fn):
     """``fn`` (a custom Function's backward) with autocast off (``autocast_off``)."""
     @functools.wraps(fn)
     def run(*args):
+        if not torch._C._is_any_autocast_enabled():  # (one call: the usual case costs nothing more)
+            return fn(*args)
         with autocast_off():
             return fn(*args)
     return run
@@ -465,11 +469,10 @@ class _Ridge(torch.autograd.Function):
             w = solve_with(_mm(xt, y), factor, ctx.inverse)
             s = _mm(x, w) if sums else w.new_empty(0)
             out = _outputs(ctx.split, w, s, ones)
-            # what the backward's products take, not built again there: the residual Y − S (saved rather than
-            # S, which is handed out and may be changed in place, e.g. by ReLU(inplace=True)), x with its ones
+            # what the backward's products take, not built again there: S (see ``handed_out``), x with its ones
             # column, Xᵀ, and the weight rows' transpose (with split, nn.Linear's weight: the output itself)
-            residual = (y - s if sums else y - _mm(x, w)) if ctx.needs_input_grad[0] else None
-            ctx.save_for_backward(key, y, w, factor, residual, x, xt, out[0] if ctx.split else None)
+            ctx.sums_kept = handed_out(s) if sums and ctx.needs_input_grad[0] else None
+            ctx.save_for_backward(key, y, w, factor, None, x, xt, out[0] if ctx.split else None)
             return out
         return _outputs(ctx.split, w, s, ones)
 
@@ -521,11 +524,28 @@ class _Ridge(torch.autograd.Function):
             if need_x:
                 wxt = kept[2] if kept[2] is not None else (_rows(w) if ctx.ones else w).mT
                 zx = _rows(z) if ctx.ones else z
-                gx = _addmm_(_mm((gs - gy) if gs is not None else -gy, wxt), extra, zx.mT)  # extra: Y − S
+                s = still_unchanged(ctx.sums_kept)
+                gx = _addmm_(_mm((gs - gy) if gs is not None else -gy, wxt), y - (_mm(x, w) if s is None else s),
+                             zx.mT)
         return gx, (gy if need_y else None), *_NONE
 
 
 _NONE = (None,) * 7  # the gradients of _Ridge's non-tensor arguments
+
+
+def handed_out(s: Tensor) -> tuple[Tensor, int]:
+    """Keep the sums S, which a solve hands out, for its backward without saving them: a detached alias and its
+    in-place version. S passes on to the next layer and is often changed in place there (``ReLU(inplace=True)``,
+    ``x += y``), which a saved output forbids; the alias costs no memory (S is usually kept by the next op
+    anyway), and shares S's version counter, so ``still_unchanged`` sees any such change."""
+    return s.detach(), s._version
+
+
+def still_unchanged(kept: tuple[Tensor, int] | None) -> Tensor | None:
+    """The kept S, or None when it was changed in place since (the backward then computes it again)."""
+    if kept is None or kept[0]._version != kept[1]:
+        return None
+    return kept[0]
 
 
 def _outputs(split: bool, w: Tensor, s: Tensor, ones: bool = True) -> tuple:

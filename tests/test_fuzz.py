@@ -1,17 +1,28 @@
-"""Fuzz test (hypothesis): random architectures through convert -> one training step -> revert.
+"""Fuzz test (hypothesis): random architectures through convert -> a random sequence of training steps and
+gradient-free / autocast forwards -> revert.
 
 Hypothesis draws a model as an ``nn.Module`` graph: an MLP, a Conv1d/2d/3d net or an ``nn.RNN`` net, of random
 depth and widths; conv kernel/stride/padding (ints or ``"same"`` where legal, every padding_mode where legal)/
 dilation/groups; residual additions (when the block keeps the shape), concatenation joins (dense or two
 branches), BatchNorm, Dropout, a Linear head (sometimes used functionally, ``F.linear(h, head.weight, ...)``),
-and occasionally a layer run twice per forward. It also draws the reference batch size n̄ (often
-rank-deficient: n̄ × positions < d_in + 1), λ in [0, 1] (0 included), init, cascade, trace, a filter_fn,
-float32 or float64, the train/eval mode at conversion, and sometimes a corrupt reference batch.
+and occasionally a layer run twice per forward; the everyday in-place habits: activations with
+``inplace=True`` (ReLU, ReLU6, LeakyReLU, ELU, Hardswish, Hardsigmoid, SiLU, Mish) right after converted layers,
+``h.relu_()`` / ``h.mul_(c)`` on a layer's output, ResNet-style residual joins ``out += x`` [``out.relu_()``] (kept
+to what plain PyTorch can backpropagate, which is checked on the plain model). It also draws the reference
+batch size n̄ (often rank-deficient: n̄ × positions < d_in + 1), λ in [0, 1] (0 included), init, cascade, trace,
+a filter_fn, float32 or float64, the train/eval mode at conversion, and sometimes a corrupt reference batch.
 
 For every case exactly one of these must hold:
-  (a) conversion succeeds, ONE training step (forward, backward, SGD or Adam step) runs with a finite loss,
-      finite gradients and finite targets, then ``to_weight_space`` reverts to the same module classes,
-      state_dict keys (same order), parameter names, hooks and finite weights as before conversion;
+  (a) conversion succeeds, then a drawn sequence (OPS) of training steps (forward, backward, SGD or Adam step;
+      at least one), some under ``torch.autocast("cpu", dtype=torch.bfloat16)``, forwards under ``no_grad``,
+      ``inference_mode`` or ``no_grad`` + autocast, and ``train()``/``eval()`` switches, each with a finite loss,
+      gradients, targets and outputs of the plain model's dtype, gradient-free forwards writing no target; at
+      drawn points and at the end, the model's ``no_grad`` output (and the weights it used) equals that of a
+      deep copy made plain by ``to_weight_space`` (an independent realisation: catches stale weights); a
+      named ``tp.TargetSpaceError`` in the sequence is acceptable if it wrote nothing (targets, optimiser state)
+      and ends the case. Then
+      ``to_weight_space`` reverts to the same module classes, state_dict keys (same order), parameter names,
+      hooks and finite weights as before conversion;
   (b) conversion raises a subclass of ``tp.TargetSpaceError`` (the one the case calls for, when it calls for
       one) and the model is exactly as it was (``conftest.model_state``/``assert_same_state``).
 Anything else (another exception, a NaN/Inf, an altered model) fails. RankDeficientWarning,
@@ -52,7 +63,7 @@ from conftest import assert_same_state, model_state
 
 # ------------------------------------------------------------------------------------------ budget
 LONG = os.environ.get("TP_FUZZ_EXAMPLES")
-MAX_EXAMPLES = int(LONG) if LONG else 60
+MAX_EXAMPLES = int(LONG) if LONG else 40  # 60 before the op sequences (each case now runs several steps)
 BAD_EXAMPLES = max(10, MAX_EXAMPLES // 5) if LONG else 20
 SETTINGS = dict(
     deadline=None,
@@ -99,7 +110,16 @@ def _count(kind: str, key: str, n: int = 1) -> None:
 
 
 # ------------------------------------------------------------------------------------------ specs
-ACTS = {"relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity, "sigmoid": nn.Sigmoid}
+ACTS = {"relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity, "sigmoid": nn.Sigmoid,
+        # in place (inplace=True), right after a converted layer unless a BatchNorm lies between: they overwrite
+        # the layer's output, which the reference pass hands on (S_j) and may hold for the backward
+        "relu_": lambda: nn.ReLU(inplace=True), "relu6_": lambda: nn.ReLU6(inplace=True),
+        "leaky_relu_": lambda: nn.LeakyReLU(0.1, inplace=True), "elu_": lambda: nn.ELU(inplace=True),
+        "hardswish_": lambda: nn.Hardswish(inplace=True), "hardsigmoid_": lambda: nn.Hardsigmoid(inplace=True),
+        "silu_": lambda: nn.SiLU(inplace=True), "mish_": lambda: nn.Mish(inplace=True)}
+OUT_OF_PLACE = sorted(k for k in ACTS if not k.endswith("_"))
+# a third of the draws in place, the four out-of-place ones as often each as before relative to one another
+acts = st.sampled_from(OUT_OF_PLACE * 4 + sorted(k for k in ACTS if k.endswith("_")))
 BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -124,6 +144,7 @@ class Case:
     optimiser: str
     lr: float
     seed: int
+    ops: tuple = ()  # what runs after conversion, in order (OPS); a "train" step is appended if none is drawn
 
 
 # --- layers ---------------------------------------------------------------------------------------
@@ -179,10 +200,14 @@ def unit_spec(draw, family, shape, preserve, width=None):
     else:
         nd = int(family[-2])
         layer, new = draw(conv_spec(nd, shape[0], shape[1], preserve, c_out=width))
+    # an in-place tensor method on the layer's output in forward (before any BatchNorm and activation)
+    post = draw(st.sampled_from([None] * 6 + ["relu_", "mul_"]))
+    c = draw(st.sampled_from([0.5, 2.0, -1.0])) if post == "mul_" else None
     bn = draw(st.sampled_from([False, False, True]))
-    act = draw(st.sampled_from(sorted(ACTS)))
+    # relu_ keeps its output for the backward: another in-place op on it is an error in plain PyTorch too
+    act = draw(acts if post != "relu_" or bn else st.sampled_from(OUT_OF_PLACE))
     p = draw(st.sampled_from([0.0, 0.0, 0.0, 0.1, 0.5]))
-    return dict(type="unit", layer=layer, bn=bn, nd=nd, act=act, p=p), new
+    return dict(type="unit", layer=layer, post=post, c=c, bn=bn, nd=nd, act=act, p=p), new
 
 
 @st.composite
@@ -196,7 +221,12 @@ def block_spec(draw, family, shape):
             u, cur = draw(unit_spec(family, cur, preserve=True, width=shape[0]))
             body.append(u)
         assert cur == shape
-        return dict(type=kind, body=body), shape
+        # x + body(x), or in place as in torchvision's ResNet: the last unit's layer [-> post -> BatchNorm], then
+        # out += x, then its activation (iadd) or out.relu_() (iadd_relu) in place of it [-> Dropout]
+        join = draw(st.sampled_from(["add", "add", "iadd", "iadd_relu"])) if kind == "residual" else "add"
+        if join != "add" and body[-1]["post"] == "relu_" and not body[-1]["bn"]:
+            body[-1]["post"] = None  # (relu_ keeps its output for the backward: += on it is a plain-model error)
+        return dict(type=kind, body=body, join=join), shape
     # concat along dim 1 (features / channels): branches keep the spatial shape
     branches, widths = [], []
     for _ in range(draw(st.integers(1, 2))):
@@ -226,7 +256,7 @@ def arch_spec(draw, allow_shared=True):
         in_shape = (L, f)
         if draw(st.booleans()):  # Linear on tokens
             width = draw(st.integers(1, 6))
-            blocks.append(dict(type="tokens", d_in=f, d_out=width, act=draw(st.sampled_from(sorted(ACTS)))))
+            blocks.append(dict(type="tokens", d_in=f, d_out=width, act=draw(acts)))
             f = width
         bidir = draw(st.booleans())
         hidden = draw(st.integers(1, 6))
@@ -258,9 +288,16 @@ def arch_spec(draw, allow_shared=True):
     hidden_widths = draw(st.lists(st.integers(1, 8), max_size=2))
     head = dict(pool=pool if family != "rnn" else "none", d_in=feat, hidden=hidden_widths,
                 out=draw(st.integers(1, 4)), bias=draw(st.booleans() | st.just(True)),
-                functional=draw(st.sampled_from([False] * 6 + [True])), act=draw(st.sampled_from(sorted(ACTS))))
+                functional=draw(st.sampled_from([False] * 6 + [True])), act=draw(acts))
     return family, in_shape, blocks, head
 
+
+# After conversion, a random sequence of these (see run_op): a training step (forward, backward, optimiser step)
+# in the current mode, under autocast("cpu", bfloat16) or not; a forward under no_grad, inference_mode or
+# no_grad + autocast; a train()/eval() switch; "check": the model's no_grad output against an independent
+# realisation of its current state (check_fresh, which also ends every sequence).
+# (The first 2-4 of a drawn permutation: a small derandomized CI budget still covers every kind of op.)
+OPS = ["train", "no_grad", "check", "autocast_train", "eval_mode", "inference", "train", "autocast", "train_mode"]
 
 lams = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0), st.floats(-10.0, 0.0).map(lambda e: 10.0 ** e))
 
@@ -279,6 +316,7 @@ def cases(draw, bad_input=False):
         convert_in_train_mode=draw(st.booleans()), corrupt=corrupt, filter_mask=filter_mask,
         optimiser=draw(st.sampled_from(["sgd", "adam"])), lr=draw(st.sampled_from([1e-3, 1e-2, 1e-1])),
         seed=draw(st.integers(0, 2**32 - 1)),
+        ops=() if bad_input else tuple(draw(st.permutations(OPS))[:draw(st.integers(2, 4))]),
     )
 
 
@@ -299,24 +337,42 @@ class Unit(nn.Module):
         self.bn = BN[s["nd"]](c) if s["bn"] else None
         self.act = ACTS[s["act"]]()
         self.drop = nn.Dropout(s["p"]) if s["p"] else None
+        self.post, self.c = s.get("post"), s.get("c")
+
+    def pre(self, x):  # layer [-> in-place post] [-> BatchNorm]
+        x = self.layer(x)
+        if self.post == "relu_":
+            x.relu_()
+        elif self.post == "mul_":
+            x.mul_(self.c)
+        return x if self.bn is None else self.bn(x)
+
+    def tail(self, x, act=True):  # activation [-> Dropout]
+        x = self.act(x) if act else x
+        return x if self.drop is None else self.drop(x)
 
     def forward(self, x):
-        x = self.layer(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        x = self.act(x)
-        if self.drop is not None:
-            x = self.drop(x)
-        return x
+        return self.tail(self.pre(x))
 
 
 class Residual(nn.Module):
     def __init__(self, s):
         super().__init__()
         self.body = nn.Sequential(*[Unit(u) for u in s["body"]])
+        self.join = s.get("join", "add")
 
     def forward(self, x):
-        return x + self.body(x)
+        if self.join == "add":
+            return x + self.body(x)
+        h = x
+        for u in self.body[:-1]:
+            h = u(h)
+        last = self.body[-1]
+        out = last.pre(h)
+        out += x
+        if self.join == "iadd_relu":
+            out.relu_()
+        return last.tail(out, act=self.join == "iadd")
 
 
 class Shared(nn.Module):
@@ -441,6 +497,26 @@ def _note(text: str) -> None:
         pass
 
 
+def _plain_check(case, model, ref) -> Exception | None:
+    """On one copy of the plain model: the exception a no_grad forward on the reference batch raises, if any (as
+    ``_plain_error``); else the generator's own check that the plain model runs forward and backward in both
+    modes, so that any error after conversion is the library's (in-place ops on a tensor autograd keeps for the
+    backward are errors in plain PyTorch too)."""
+    twin = copy.deepcopy(model)
+    try:
+        with torch.no_grad():
+            twin(ref)
+    except Exception as e:
+        return e
+    for mode in (True, False):
+        twin.train(mode)
+        try:
+            twin(torch.randn(case.n_train, *case.in_shape, dtype=_dtype(case))).sum().backward()
+        except Exception as e:
+            raise AssertionError(f"the generator drew a model that plain PyTorch cannot train: {e}") from e
+    return None
+
+
 def _step(model, opt, x, y):
     opt.zero_grad(set_to_none=True)
     loss = F.mse_loss(model(x), y)
@@ -472,6 +548,13 @@ def run_case(case: Case) -> str:
     model, ref = _build(case)
     filter_fn, selected = _filter(case, model)
     before = model_state(model)
+    for m in model.modules():  # how often the in-place habits are drawn
+        if getattr(m, "inplace", False):
+            _count("in-place (modules)", type(m).__name__)
+        if isinstance(m, Unit) and m.post:
+            _count("in-place (modules)", f"h.{m.post}()")
+        if isinstance(m, Residual) and m.join != "add":
+            _count("in-place (modules)", f"out += x{'; out.relu_()' if m.join == 'iadd_relu' else ''}")
 
     # What the case calls for, if it calls for an error.
     required = set()
@@ -479,7 +562,7 @@ def run_case(case: Case) -> str:
         required.add(tp.ReferenceBatchError)
     if not selected:
         required.add(tp.NoEligibleLayerError)
-    if not required and _plain_error(model, ref) is not None:  # e.g. BatchNorm1d in train mode with n̄ = 1
+    if not required and _plain_check(case, model, ref) is not None:  # e.g. BatchNorm1d in train mode, n̄ = 1
         required.add(tp.ReferenceBatchError)
     if {f"{n}.unit.layer" for n, m in model.named_modules() if isinstance(m, Shared)} & selected:
         required.add(tp.LayerReusedError)  # a selected layer runs twice per forward
@@ -503,21 +586,21 @@ def run_case(case: Case) -> str:
     assert _all_finite(p for m in model.modules() if hasattr(m, "parametrizations")
                        for p in (getattr(m, k) for k in m.parametrizations)), "non-finite realised weight"
 
-    # ONE training step.
-    model.train()
+    # The drawn sequence of training steps, gradient-free and autocast forwards and mode switches (at least one
+    # training step), then the model's no_grad output against an independent realisation.
     opt = _optimiser(case, model)
-    x = torch.randn(case.n_train, *case.in_shape, dtype=_dtype(case))
-    y = torch.randn(case.n_train, case.head["out"], dtype=_dtype(case))
-    targets = [p.detach().clone() for p in model.parameters()]
+    ops = list(case.ops) if "train" in case.ops else [*case.ops, "train"]
+    for op in ops:
+        x = torch.randn(case.n_train, *case.in_shape, dtype=_dtype(case))
+        y = torch.randn(case.n_train, case.head["out"], dtype=_dtype(case))
+        error = run_op(case, model, opt, op, x, y)
+        if error is not None:  # a named error; nothing was written (run_op checks)
+            return f"{'train' if op.endswith('train') else 'op'}-error:{type(error).__name__}"
+        _count("ops", op)
     try:
-        loss = _step(model, opt, x, y)
-    except tp.TargetSpaceError as e:  # a named error in training is acceptable if nothing was written
-        assert all(torch.equal(a, b) for a, b in zip(targets, model.parameters())), "failed step changed targets"
-        assert not opt.state, "failed step changed the optimiser state"
-        return f"train-error:{type(e).__name__}"
-    assert torch.isfinite(loss), f"loss {loss.item()}"
-    assert _all_finite(p.grad for p in model.parameters()), "non-finite gradient"
-    assert _all_finite(model.parameters()), "non-finite target after one step"
+        check_fresh(case, model, torch.randn(case.n_train, *case.in_shape, dtype=_dtype(case)))
+    except tp.TargetSpaceError as e:
+        return f"op-error:{type(e).__name__}"
 
     # Revert: same classes, state_dict keys (order included), parameter names, hooks; finite weights.
     tp.to_weight_space(model)
@@ -534,6 +617,105 @@ def run_case(case: Case) -> str:
     with torch.no_grad():
         assert _all_finite([model(x)])
     return "converted"
+
+
+def _expected_dtype(case, autocast: bool):
+    """What the plain model outputs: its head is a Linear (or F.linear), bfloat16 under CPU autocast, which
+    leaves float64 alone."""
+    return torch.bfloat16 if autocast and case.dtype == "float32" else _dtype(case)
+
+
+def run_op(case, model, opt, op, x, y) -> Exception | None:
+    """One operation of the sequence; the named error it raised, if any, after checking that it wrote nothing
+    (targets, optimiser state). Any other exception fails the test."""
+    _note(f"op: {op}")
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()) if op.endswith("train") else None
+    try:
+        if op == "train_mode":
+            model.train()
+        elif op == "eval_mode":
+            model.eval()
+        elif op == "check":
+            check_fresh(case, model, x)
+        elif op in ("train", "autocast_train"):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=op == "autocast_train"):
+                out = model(x)
+            assert out.dtype == _expected_dtype(case, op == "autocast_train"), out.dtype
+            loss = F.mse_loss(out.to(y.dtype), y)
+            loss.backward()
+            opt.step()
+            assert torch.isfinite(loss), f"loss {loss.item()}"
+            assert _all_finite(p.grad for p in model.parameters()), "non-finite gradient"
+            assert _all_finite(model.parameters()), "non-finite target after a step"
+        else:  # a gradient-free forward
+            ctx = torch.inference_mode() if op == "inference" else torch.no_grad()
+            with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=op == "autocast"):
+                out = model(x)
+            assert out.dtype == _expected_dtype(case, op == "autocast"), out.dtype
+            assert _all_finite([out]), f"non-finite output of a {op} forward"
+            assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), f"a {op} forward wrote a target"
+    except tp.TargetSpaceError as e:  # acceptable if nothing was written
+        _note(f"{op}: {type(e).__name__}: {e}")
+        assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), f"failed {op} changed targets"
+        if state is not None:
+            _assert_same_optimiser_state(state, opt.state_dict())
+        return e
+    return None
+
+
+def _realised(model) -> dict:
+    """Every realised tensor, by (module name, tensor name), as the model's forward reads it now."""
+    return {(n, k): getattr(m, k).detach().clone() for n, m in model.named_modules()
+            if hasattr(m, "parametrizations") for k in m.parametrizations}
+
+
+def _log10_bucket(ratio: float) -> str:
+    return "exact" if ratio == 0 else ">=1" if ratio >= 1 else str(max(-17, math.floor(math.log10(ratio))))
+
+
+def check_fresh(case, model, x) -> None:
+    """The model's no_grad forward in its current mode against a deep copy made plain by ``to_weight_space``
+    (an independent realisation of the current targets, buffers and modes): the weights the forward used (read
+    right after it) equal the copy's, and so, up to rounding, do the outputs. Catches weights realised before
+    the last change (a step, a mode switch, an in-place edit) and reused. A model in train mode with active
+    Dropout (random realisations) is switched to eval first.
+
+    Tolerances: the same realisation twice gives the same weights (up to a few ulps where one came from the
+    grad-enabled path), whereas a stale one is off by a step's change. The outputs need more room: the realised
+    weights are views laid out differently from the copy's plain parameters, so the matmuls round differently,
+    and ill-conditioned solves (small λ, n̄ < d_in + 1) give weights of 1e4 whose products cancel; so the output
+    tolerance grows with the largest realised weight."""
+    if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        model.eval()
+    twin = copy.deepcopy(model)  # before the forward, which may update BatchNorm's running statistics
+    with torch.no_grad():
+        out = model(x)
+        used = _realised(model)
+    tp.to_weight_space(twin)
+    modules = dict(twin.named_modules())
+    with torch.no_grad():
+        expected = twin(x)
+    assert out.dtype == expected.dtype == _dtype(case)
+    eps = torch.finfo(_dtype(case)).eps
+    worst, amplification = 0.0, 1.0
+    for (n, k), w in used.items():
+        fresh = getattr(modules[n], k).detach()
+        size = fresh.abs().max().item() if fresh.numel() else 0.0
+        amplification = max(amplification, size)
+        diff = (w - fresh).abs().max().item() if w.numel() else 0.0
+        worst = max(worst, diff / max(size, 1e-30))
+        assert diff <= 1e3 * eps * max(size, 1e-30), (
+            f"stale weights: the realised {n}.{k} the model's no_grad forward used differs from a fresh "
+            f"realisation's by {diff:.3g} (entries up to {size:.3g})")
+    _count("fresh check: weights, log10 relative difference", _log10_bucket(worst))
+    err = (out - expected).abs().max().item() if out.numel() else 0.0
+    scale = (1.0 + (expected.abs().max().item() if out.numel() else 0.0)) * amplification
+    _count("fresh check: outputs, log10 error / (1 + |output|) / max(1, |weight|)", _log10_bucket(err / scale))
+    assert err <= 1e3 * eps * scale, (
+        f"stale weights? the model's no_grad output differs from a fresh realisation's by {err:.3g} (outputs "
+        f"up to {expected.abs().max().item():.3g}, realised weights up to {amplification:.3g})")
 
 
 # Found by this fuzz test (library bug, minimal form in test_regression_lam0_zero_reference_input_float32): in the
@@ -725,6 +907,51 @@ def test_regression_reference_pass_raises_raw_error_in_training():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_regression_deepcopy_of_converted_rnn_after_a_grad_forward():
+    """Found by this fuzz test (``check_fresh``): after any grad-enabled forward (or weight read) of a converted
+    ``nn.RNN``, ``copy.deepcopy`` of the model raised the raw ``RuntimeError: Only Tensors created explicitly by
+    the user (graph leaves) support the deepcopy protocol``: the RNN's ``_flat_weights`` list held the realised,
+    graph-carrying weights (Linear/Conv models copied fine; so did the RNN right after conversion or after a
+    ``no_grad`` forward that realised). Deep copies are an everyday habit (EMA, best-model snapshots)."""
+    torch.manual_seed(0)
+    net = nn.RNN(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tp.to_target_space(net, torch.randn(2, 5, 3), lam=0.1)
+    x = torch.randn(2, 5, 3)
+    net(x)[0].sum().backward()
+    twin = copy.deepcopy(net)
+    tp.to_weight_space(twin)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[0], twin(x)[0])
+
+
 def test_zz_survey_found_no_failure():
     """Survey mode only (TP_FUZZ_SURVEY=1): fail if the survey recorded any failing case."""
     assert not FAILURES, "\n\n".join(f"{k} ({len(v)} cases), first:\n{v[0]}" for k, v in FAILURES.items())
+
+
+def test_regression_width_one_input_to_a_dilated_padded_1x1_conv_does_not_crash():
+    """Found by this fuzz test: torch 2.14's CPU conv2d crashes the process (segmentation fault) on a channels_last
+    input of width 1 with a dilated, padded 1×1 kernel and a bias; the reference pass made every conv input
+    channels_last. Run in a subprocess, so that a crash fails this test instead of ending the suite; the solve is
+    checked against eq. 6 on F.unfold's patches."""
+    import subprocess
+    import sys
+    code = """
+import torch, torch.nn as nn, torch.nn.functional as F, warnings, target_param as tp
+warnings.simplefilter("ignore")
+torch.manual_seed(0)
+conv = nn.Conv2d(6, 6, 1, stride=(2, 3), padding=2, dilation=2)  # float32: the crashing kernel's dtype
+ref = torch.randn(6, 6, 5, 1)
+tp.to_target_space(conv, ref, lam=1.0, init="random")
+a = F.unfold(ref.double(), 1, dilation=2, padding=2, stride=(2, 3)).transpose(1, 2).reshape(-1, 6)
+a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+t = conv.parametrizations.weight.original.detach().double().permute(0, 2, 3, 1).reshape(-1, 6)
+wt = torch.linalg.solve(a.T @ a + torch.eye(7, dtype=a.dtype), a.T @ t)
+assert torch.allclose(conv.weight.double().reshape(6, 6), wt[:-1].T, atol=1e-5)
+assert torch.allclose(conv.bias.double(), wt[-1], atol=1e-5)
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
