@@ -28,8 +28,9 @@ from torch import Tensor
 
 from .errors import IllConditionedWarning, SolveError
 
-__all__ = ["ridge_solve", "autocast_on", "autocast_off", "full_precision", "with_ones", "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd",
-           "plain_autograd", "Solves", "FactorCache", "prefers_inverse"]
+__all__ = ["ridge_solve", "autocast_on", "autocast_off", "full_precision", "handed_out", "still_unchanged", "with_ones",
+           "solve_dtype", "uses_dual", "factor_gram", "solve_with", "ridge_autograd", "plain_autograd", "Solves",
+           "FactorCache", "prefers_inverse"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
