@@ -19,12 +19,14 @@ from .errors import (
     AlreadyConvertedError,
     InvalidArgumentError,
     LambdaScaleWarning,
+    LayerReusedError,
     NoEligibleLayerError,
     NotConvertedError,
     RankDeficientWarning,
     ReferenceBatchError,
     UnsupportedLayerError,
 )
+from .functional import FunctionalAdapter, bare_candidates, owners, register_units
 from .layers import ConvAdapter, adapter_for, is_candidate
 from .solver import solve_dtype, uses_dual
 from .parametrization import TargetParametrization, install
@@ -147,7 +149,8 @@ def _check_reference(model: nn.Module, inputs: tuple) -> None:
                 )
 
 
-def _select(model: nn.Module, filter_fn: Callable | None) -> list[tuple[str, nn.Module]]:
+def _select(model: nn.Module, filter_fn: Callable | None, held: dict) -> list[tuple[str, nn.Module]]:
+    """The selected layers; ``held``: ``functional.owners(model)``, to refuse tied weights by identity."""
     chosen = []
     for name, m in model.named_modules():
         if not is_candidate(m) or (filter_fn is not None and not filter_fn(m, name)):
@@ -176,6 +179,18 @@ def _select(model: nn.Module, filter_fn: Callable | None) -> list[tuple[str, nn.
                 layer=name,
                 type=type(m).__name__,
             )
+        for attr, p in m._parameters.items():
+            where = held.get(id(p), []) if p is not None else []
+            if len(where) > 1:
+                raise LayerReusedError(
+                    f"Layer '{name}': its {attr} is one Parameter with "
+                    + ", ".join(f"'{n}.{a}'" if n else f"'{a}'" for n, a, _, _ in where if (n, a) != (name, attr))
+                    + " (tied or shared weights); its uses have different inputs, so W = T·A^‡ (eq. 6) is not "
+                    "one solve.",
+                    "Exclude it with filter_fn=lambda module, name: name != '%s' (it then stays in weight space, "
+                    "tied as before)." % name,
+                    layer=name, parameter=attr,
+                )
         chosen.append((name, m))
     return chosen
 
@@ -256,11 +271,11 @@ def _precision_floors(pl: PlannedLayer) -> dict[str, float]:
     if not pl.bias:
         return {}
     eps = torch.finfo(solve_dtype(next(iter(pl.sums.values())).dtype)).eps
-    problems = adapter_for(pl.module).problems(pl.sums)
-    names = adapter_for(pl.module).targets
+    problems = pl.adapter.problems(pl.sums)
+    names = pl.adapter.targets
     out = {}
     for name, (rows, cols, _, _) in zip(names, problems):
-        if pl.max_positions is not None and isinstance(pl.module, nn.modules.conv._ConvNd):
+        if pl.max_positions is not None and isinstance(pl.adapter, ConvAdapter):
             cols = min(cols, pl.max_positions)
         if uses_dual(rows, cols):
             out[name] = cols * eps
@@ -307,15 +322,27 @@ def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, ma
         )
     inputs = _as_inputs(ref_batch)
     _check_reference(model, inputs)
-    chosen = _select(model, filter_fn)
-    if not chosen:
+    held = owners(model)
+    chosen = _select(model, filter_fn, held)
+    bare = bare_candidates(model, chosen, filter_fn, held)
+    if not chosen and not bare:
         raise NoEligibleLayerError(
             "No layer to convert: target space needs at least one nn.Linear or nn.Conv1d/2d/3d"
             + (" selected by filter_fn." if filter_fn is not None else "."),
             "Pass a model with such layers, or relax filter_fn.",
             model=type(model).__name__,
         )
-    plan = make_plan(model, inputs, chosen, trace=trace)
+    plan = make_plan(model, inputs, chosen, trace=trace, bare=bare)
+    if not plan.layers:
+        raise NoEligibleLayerError(
+            "No layer to convert: no nn.Linear / nn.Conv1d/2d/3d / nn.RNN was selected, and no bare Parameter "
+            "is used as the weight of F.linear / F.conv*" + (" among those filter_fn selects." if filter_fn else "."),
+            "Pass a model with such layers, or relax filter_fn.",
+            model=type(model).__name__,
+        )
+    if plan.skipped:
+        warnings.warn("Bare tensors used as the weight of F.linear / F.conv* stay in weight space:\n"
+                      + "\n".join(f"{n}: {why}" for n, why in plan.skipped.items()), stacklevel=3)
     for pl in plan.layers:
         if pl.calls > 1:
             raise reused_error(pl.name, pl.calls)
@@ -441,7 +468,7 @@ def to_target_space(
                 RankDeficientWarning,
                 stacklevel=2,
             )
-    layers = [ConvertedLayer(pl.name, pl.module, adapter_for(pl.module)) for pl in ran]
+    layers = [ConvertedLayer(pl.name, pl.module, pl.adapter) for pl in ran]
 
     snapshot = _Snapshot([model] + [layer.module for layer in layers])
     try:
@@ -451,10 +478,11 @@ def to_target_space(
             if n is not None and hasattr(model, n):
                 raise AlreadyConvertedError(f"The model already has an attribute '{n}'.", None, attribute=n)
         realiser = Realiser(model, layers, lam, cascade, [(n, None if n else x) for n, x in zip(names, inputs)],
-                            plan.graph_module, lam_mode)
+                            plan.graph_module, lam_mode, plan.uses_mode)
         for n, x in zip(names, inputs):
             if n is not None:
                 model.register_buffer(n, x.detach().clone())
+        unit_targets, unit_lams = {}, {}
         for k, pl in enumerate(ran):
             sums, positions, adapter = pl.sums, None, layers[k].adapter
             if max_positions is not None and isinstance(adapter, ConvAdapter):
@@ -467,7 +495,11 @@ def to_target_space(
             targets = sums if init == "project" else {
                 n: nn.init.trunc_normal_(torch.empty_like(s), std=target_std, a=-2 * target_std, b=2 * target_std)
                 for n, s in sums.items()}
-            _register(realiser, k, {n: adapter.target_layout(t) for n, t in targets.items()}, positions, lams)
+            if isinstance(adapter, FunctionalAdapter):
+                unit_targets[k], unit_lams[k] = targets, lams
+            else:
+                _register(realiser, k, {n: adapter.target_layout(t) for n, t in targets.items()}, positions, lams)
+        register_units(realiser, unit_targets, unit_lams, lambda t: solve_dtype(t.dtype))
         model.__dict__[REALISER_ATTR] = realiser
         # before any user hook on the root; with kwargs, so that a call with keyword arguments is seen as such
         model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True, with_kwargs=True)
@@ -501,10 +533,16 @@ def to_weight_space(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             r.realise()
         r.phase = "frozen"
+        done = set()
         for layer in r.layers:
             m, ad = layer.module, layer.adapter
+            if (id(m), ad.tensors[0]) in done:  # the stored tensors of several functional units: once
+                continue
             requires_grad = m.parametrizations[ad.targets[0]].original.requires_grad
             for name in ad.tensors:
+                if (id(m), name) in done:
+                    continue
+                done.add((id(m), name))
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
                 if name not in ad.targets:
                     m.register_parameter(name, nn.Parameter(m._buffers.pop(name), requires_grad=requires_grad))

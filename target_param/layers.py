@@ -34,10 +34,12 @@ from .gram import shift_gram
 from .solver import (FactorCache, Solves, full_precision, handed_out, plain_autograd, regrad, ridge_autograd,
                      ridge_solve, solve_dtype, solve_with, still_unchanged, uses_dual, with_ones)
 
-__all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "adapter_for", "is_candidate",
+__all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "ConvTransposeAdapter", "adapter_for",
+           "is_candidate",
            "SUPPORTED", "CANDIDATES"]
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNN)
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+             nn.RNN)
 # Also offered to filter_fn, so that the user hears why they are refused.
 CANDIDATES = SUPPORTED + (nn.RNNBase, nn.RNNCellBase)
 
@@ -112,6 +114,10 @@ class FeedForwardAdapter(Adapter):
                             split=self.split)
         s = self.unrows(s, t)
         return self.tensors_of(wt, t.dtype), (s if s.dtype == t.dtype else s.to(t.dtype))
+
+    def stored_shape(self, which: str) -> tuple:
+        """The shape of the layer's ``weight`` or ``bias``."""
+        return tuple(self.weight_shape) if which == "weight" else (self.out_features,)
 
     def with_ones(self, a: Tensor) -> Tensor:
         """The patches (G, N, d) with the row of ones of eq. 2a appended when the layer has a bias."""
@@ -472,6 +478,81 @@ class _ConvRidge(torch.autograd.Function):
         return gx, (xz if need_t else None), None, None, None
 
 
+class ConvTransposeAdapter(FeedForwardAdapter):
+    """``nn.ConvTranspose1d/2d/3d`` with any stride, padding, output_padding, dilation and groups.
+
+    The output is linear in the weight: a transposed conv is a stride-1 conv, with the same dilation and
+    groups, over the input with ``stride − 1`` zeros stuffed between its elements and padded by
+    ``dilation·(k − 1) − padding`` (plus ``output_padding`` at the end), with the kernel flipped and its two
+    channel dimensions swapped. Eq. 6 is solved for that equivalent conv (:class:`ConvAdapter`, whose
+    patch matrix A is the stuffed input's im2col: all output channels of a group share it), and its weight is
+    turned back into the transposed layout."""
+
+    def __init__(self, module: nn.modules.conv._ConvTransposeNd):
+        super().__init__(module)
+        self.kind = type(module).__name__
+        self.nd = len(module.kernel_size)
+        self.out_features = module.out_channels
+        self.weight_shape = tuple(module.weight.shape)
+        self.stride, self.padding = tuple(module.stride), tuple(module.padding)
+        self.dilation, self.kernel_size = tuple(module.dilation), tuple(module.kernel_size)
+        self.output_padding, self.groups = tuple(module.output_padding), module.groups
+        self.module_type = type(module)
+        equivalent = _CONV_MODULE[self.nd](module.in_channels, module.out_channels, module.kernel_size, 1, 0,
+                                          module.dilation, module.groups, bias=self.has_bias, device="meta")
+        self.equivalent, self.inner = equivalent, ConvAdapter(equivalent)
+        self.inner.cache = self.cache
+
+    def stuffed(self, x: Tensor, output_padding: tuple | None = None) -> Tensor:
+        """The input with ``stride − 1`` zeros between elements, padded (or cropped) for the equivalent conv."""
+        if x.dim() == self.nd + 1:  # an unbatched call
+            x = x[None]
+        extra = self.output_padding if output_padding is None else tuple(output_padding)
+        if any(s > 1 for s in self.stride):
+            z = x.new_zeros(*x.shape[:2], *[(n - 1) * s + 1 for n, s in zip(x.shape[2:], self.stride)])
+            z[(slice(None), slice(None), *[slice(None, None, s) for s in self.stride])] = x
+            x = z
+        pad = []
+        for k, d, p, e in reversed(list(zip(self.kernel_size, self.dilation, self.padding, extra))):
+            pad += [d * (k - 1) - p, d * (k - 1) - p + e]
+        return F.pad(x, pad) if any(pad) else x
+
+    def _output_padding(self, module, args) -> tuple | None:
+        """The output_padding of this call: from ``output_size`` when the call passes one."""
+        size = args[1] if len(args) > 1 else None
+        if size is None:
+            return None
+        return tuple(module._output_padding(args[0], size, list(self.stride), list(self.padding),
+                                            list(self.kernel_size), self.nd, list(self.dilation)))
+
+    def realise(self, module, args, targets, solves, name, optimistic):
+        x = self.stuffed(args[0], self._output_padding(module, args))
+        t = targets["weight"]
+        wb, s = self.inner.realise(self.equivalent, (x,), {"weight": t if t.dim() == x.dim() else t[None]},
+                                   solves, name, optimistic)
+        wb["weight"] = self.transposed(wb["weight"])
+        return wb, (s if t.dim() == x.dim() else s[0])
+
+    def transposed(self, w: Tensor) -> Tensor:
+        """The equivalent conv's weight (C_out, C_in/G, k...) as the transposed conv's (C_in, C_out/G, k...)."""
+        g, k = self.groups, w.shape[2:]
+        w = w.reshape(g, w.shape[0] // g, w.shape[1], *k).flip(list(range(3, 3 + self.nd))).transpose(1, 2)
+        return w.reshape(self.weight_shape)
+
+    def problems(self, sums):
+        return self.inner.problems(sums)
+
+    def in_rows(self) -> int:
+        return self.inner.in_rows()
+
+    def column_energy(self, module, args, output, sums):
+        return {"weight": (self.inner.energy(self.stuffed(args[0], self._output_padding(module, args))),
+                           self.in_rows())}
+
+
+_CONV_MODULE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
 def _plain(module: nn.Module) -> bool:
     """True when the module computes with its weight exactly as its torch base class does."""
     if type(module) in (nn.LSTM, nn.GRU) or isinstance(module, nn.RNNCellBase):
@@ -505,4 +586,6 @@ def adapter_for(module: nn.Module) -> Adapter | None:
         from .recurrent import RNNAdapter
 
         return RNNAdapter(module)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return ConvTransposeAdapter(module)
     return ConvAdapter(module)

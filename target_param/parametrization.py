@@ -31,17 +31,17 @@ class TargetParametrization(nn.Module):
     def forward(self, original: Tensor) -> Tensor:
         return self.realiser.tensor(self.index, self.which)
 
-    def ridge_lam(self) -> float | None:
+    def ridge_lam(self, buffer: str = "lam") -> float | None:
         """λ_j of this target's solve with ``lam_mode="relative"``: the 0-dim buffer ``lam``, as a Python
         float, read from the device only when the buffer changed (another tensor, in-place version or
         storage: ``load_state_dict``, ``.to()``, an assignment), so that a realisation does not synchronise
         for it. None without the buffer (``lam_mode="absolute"``: the realiser's λ)."""
-        t = self._buffers.get("lam")
+        t = self._buffers.get(buffer)
         if t is None:
             return None
-        seen = self.__dict__.get("_lam_seen")
+        seen = self.__dict__.setdefault("_lam_seen", {}).get(buffer)
         if seen is None or seen[0] is not t or seen[1] != t._version or seen[2] != t.data_ptr():
-            seen = self.__dict__["_lam_seen"] = (t, t._version, t.data_ptr(), float(t))
+            seen = self.__dict__["_lam_seen"][buffer] = (t, t._version, t.data_ptr(), float(t))
         return seen[3]
 
     def right_inverse(self, value: Tensor) -> Tensor:
@@ -50,7 +50,7 @@ class TargetParametrization(nn.Module):
             "assigned.",
             "Assign the targets at `layer.parametrizations.weight.original`, or call "
             "tp.to_weight_space(model) first.",
-            layer=self.realiser.layers[self.index].name,
+            layer=self.realiser.layers[self.index if isinstance(self.index, int) else self.index[0]].name,
         )
 
     def extra_repr(self) -> str:
@@ -98,19 +98,21 @@ def _fast_read(name: str, fget):
     return read
 
 
-def install(module: nn.Module, names: tuple[str, ...], owner: str) -> None:
+def install(module: nn.Module, names: tuple[str, ...], owner: str, forward: bool = True) -> None:
     """Specialise the class that parametrize generated for this module (one per module): fast reads of the
     realised ``names``; a ``forward`` that does the layer's part of the reference pass (Algorithm 2, see
     ``Realiser.layer_call``) and is the class's own otherwise, so that no hook slows every call; and deep
-    copies with a class of their own. ``owner``: the name whose parametrization holds the realiser."""
+    copies with a class of their own. ``owner``: the name whose parametrization holds the realiser.
+    ``forward=False`` for tensors solved at their functional uses (see functional): the forward stays."""
     cls = type(module)
     base = cls.forward
 
-    def forward(self, *args, **kwargs):
+    def layer_forward(self, *args, **kwargs):
         p = self._modules["parametrizations"]._modules[owner]._modules["0"]
         return p.realiser.layer_call(p.index, base, self, args, kwargs)
 
-    cls.forward = forward
+    if forward:
+        cls.forward = layer_forward
     for name in names:
         prop = cls.__dict__[name]
         setattr(cls, name, property(_fast_read(name, prop.fget), prop.fset))

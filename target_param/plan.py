@@ -6,26 +6,27 @@ once on the reference batch and compared with eager. If tracing fails (dynamic c
 disagrees with eager, the plan falls back to the execution order recorded by hooks, with a
 :class:`TraceFallbackWarning` naming the reason.
 
-The graph shows what hooks cannot: a Linear weight read with ``get_attr`` and fed to ``F.linear`` outside
-its module (beit/eva ``qkv``, user code). Such a *functional* use is rewritten, in the reference pass only,
-into a call of the module (plus the external bias, if any), so that its input A is seen.
+Weights used outside their module's forward (``F.linear(x, layer.weight)``, attention functions, bare
+Parameters such as ``nn.MultiheadAttention.in_proj_weight``) are found by the recording mode of
+:mod:`target_param.functional` during the same pass, traced or not.
 
 :func:`explain` returns the plan without changing the model; it prints as a table.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
-import operator
 import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import FunctionalWeightUseError, ReferenceBatchError, TargetSpaceError, TraceFallbackWarning
-from .layers import SUPPORTED, adapter_for
+from .functional import FunctionalAdapter, Recorder
+from .layers import SUPPORTED, ConvAdapter, FeedForwardAdapter, adapter_for
 from .solver import uses_dual
 
 __all__ = ["Plan", "PlannedLayer", "make_plan", "display_name", "lam_ratio", "too_large", "LAMBDA_SCALE_THRESHOLD"]
@@ -45,7 +46,6 @@ def lam_ratio(lam: float, diagonal: float) -> float:
     on the reference batch (its weights do not change its sums, whatever λ: nothing to warn about)."""
     return lam / diagonal if diagonal > 0.0 else math.nan
 
-_LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 
 
 def display_name(name: str, module: nn.Module) -> str:
@@ -69,6 +69,11 @@ class PlannedLayer:
     energy: dict | None = None
     bias: bool = False  # whether A has the ones row
     lams: dict | None = None  # per target name: the λ_j its solve uses (set by the conversion's checks)
+    adapter: object = None  # the layer's adapter; a FunctionalAdapter for a tensor solved at its F.linear/F.conv*
+
+    def __post_init__(self):
+        if self.adapter is None:
+            self.adapter = adapter_for(self.module)
 
     def mean_diagonals(self, positions: Tensor | None = None) -> dict[str, float]:
         """Per solve (target name): the mean diagonal of the Gram ``A_j A_jᵀ`` on the reference batch over
@@ -82,19 +87,19 @@ class PlannedLayer:
             cols, groups = e.shape
             total = float(e[positions].double().sum() if positions is not None else e.double().sum())
             if positions is None and self.max_positions is not None \
-                    and isinstance(self.module, nn.modules.conv._ConvNd) and cols > self.max_positions:
+                    and isinstance(self.adapter, ConvAdapter) and cols > self.max_positions:
                 total = total * self.max_positions / cols
             out[name] = total / (groups * max(rows - self.bias, 1))
         return out
 
     @property
     def kind(self) -> str:
-        return type(self.module).__name__
+        return self.adapter.kind if isinstance(self.adapter, FunctionalAdapter) else type(self.module).__name__
 
     def stats(self) -> dict:
         """Solve shape and an operation count per training step (eq. 6 plus the reference forward)."""
-        problems = adapter_for(self.module).problems(self.sums)
-        if self.max_positions is not None and isinstance(self.module, nn.modules.conv._ConvNd):
+        problems = self.adapter.problems(self.sums)
+        if self.max_positions is not None and isinstance(self.adapter, ConvAdapter):
             problems = [(r, min(c, self.max_positions), g, o) for r, c, g, o in problems]
         flops = 0.0
         for rows, cols, g, out_g in problems:
@@ -106,7 +111,7 @@ class PlannedLayer:
         rows, cols, g, _ = max(problems)
         first = next(iter(self.sums.values()))
         shape = tuple(first.shape)
-        if isinstance(self.module, nn.modules.conv._ConvNd) and cols < first.numel() // shape[1]:
+        if isinstance(self.adapter, ConvAdapter) and cols < first.numel() // shape[1]:
             shape = (cols, shape[1])  # the approximate option: a target at the chosen columns only
         diagonals = self.mean_diagonals() if self.energy is not None else {}
         ratios = [lam_ratio(self.lams[n], d) for n, d in diagonals.items() if self.lams and n in self.lams]
@@ -118,7 +123,8 @@ class PlannedLayer:
             full_rank=all(c >= r for r, c, _, _ in problems),
             target_shape=shape, target_size=sum(t.numel() for t in self.sums.values()) if shape == tuple(
                 first.shape) else math.prod(shape),
-            weight_size=sum(p.numel() for p in self.module.parameters(recurse=False)),
+            weight_size=self.adapter.weight_size() if isinstance(self.adapter, FunctionalAdapter)
+            else sum(p.numel() for p in self.module.parameters(recurse=False)),
             mflops=3 * flops / 1e6,  # forward + backward ≈ 3 × forward
         )
 
@@ -132,6 +138,8 @@ class Plan:
     fallback_reason: str | None = None
     graph_module: fx.GraphModule | None = None  # the traced (and rewritten) graph, run by the reference pass
     options: dict = field(default_factory=dict)
+    uses_mode: bool = False  # the reference pass needs functional.ReferenceUses (functional units, or reads)
+    skipped: dict = field(default_factory=dict)  # bare tensors used by F.linear/F.conv* left in weight space
 
     def __str__(self) -> str:
         head = ("layer", "kind", "d_in(+1)", "columns", "solve", "rank", "λ/diag", "target shape", "targets",
@@ -190,54 +198,26 @@ class _Tracer(fx.Tracer):
 def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _Tracer(SUPPORTED)
     graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__ + "Reference")
-
-
-def _rewrite_functional(gm: fx.GraphModule, planned: dict[str, PlannedLayer]) -> bool:
-    """Find ``get_attr`` uses of converted weights and rewrite each ``F.linear`` use into a module call."""
-    rewritten = False
-    for node in list(gm.graph.nodes):
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__ + "Reference")
+    # GraphModule copies each get_attr's tensor onto a stub module; the graph must read the owner itself,
+    # whose tensors conversion parametrizes (functional uses of converted tensors, see functional)
+    for node in graph.nodes:
         if node.op != "get_attr":
             continue
-        owner, _, attr = node.target.rpartition(".")
-        if owner not in planned or attr not in ("weight", "bias"):
+        owner = node.target.rpartition(".")[0]
+        if not owner:  # a tensor of the model itself: read through the model
+            gm.add_submodule(ROOT, model)
+            node.target = f"{ROOT}.{node.target}"
             continue
-        pl = planned[owner]
-        for user in list(node.users):
-            if attr == "bias" and user.op == "call_function" and user.target in _LINEAR_FUNCTIONS:
-                continue  # handled with its weight
-            if attr == "weight" and user.op == "call_function" and user.target in _LINEAR_FUNCTIONS \
-                    and isinstance(pl.module, nn.Linear) and user.args[1] is node:
-                bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
-                own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{owner}.bias"
-                if pl.module.bias is not None and not own_bias:
-                    raise FunctionalWeightUseError(
-                        f"Layer '{pl.name}': its weight is used by {user.target.__name__} without its own bias, "
-                        "while the layer has one; the solve cannot tell which bias the sums include.",
-                        "Exclude it with filter_fn, or create the layer with bias=False.",
-                        layer=pl.name, node=user.format_node(),
-                    )
-                pl.functional.append(user.format_node())
-                gm.add_submodule(owner, pl.module)  # the graph held only a stub owning `weight`
-                with gm.graph.inserting_before(user):
-                    call = gm.graph.call_module(owner, (user.args[0],))
-                    new = call if own_bias or bias is None else gm.graph.call_function(operator.add, (call, bias))
-                user.replace_all_uses_with(new)
-                gm.graph.erase_node(user)
-                rewritten = True
-            else:
-                raise FunctionalWeightUseError(
-                    f"Layer '{pl.name}': its {attr} is read outside the module's forward by "
-                    f"'{user.format_node()}'; only F.linear uses of a Linear weight can be solved.",
-                    "Exclude it with filter_fn=lambda module, name: name != '%s'." % owner,
-                    layer=pl.name,
-                )
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    gm.graph.lint()
+        try:
+            gm.add_submodule(owner, model.get_submodule(owner))
+        except AttributeError:
+            pass
     gm.recompile()
-    return rewritten
+    return gm
+
+
+ROOT = "target_space_root"  # the model, as a submodule of its reference graph (see _trace)
 
 
 def _hidden(gm: fx.GraphModule, planned: dict[str, PlannedLayer]) -> None:
@@ -250,30 +230,40 @@ def _hidden(gm: fx.GraphModule, planned: dict[str, PlannedLayer]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ recording
-def _run(module: nn.Module, inputs: tuple, planned: list[PlannedLayer] | None, rng: tuple, devices):
+def _run(module: nn.Module, inputs: tuple, planned: dict[str, PlannedLayer] | None, rng: tuple, devices,
+         bare: dict | None = None):
     """Run ``module`` on the reference batch from RNG state ``rng`` (the caller's RNG is left as it was),
-    recording calls/outputs of ``planned``."""
+    recording calls/outputs of ``planned`` by hooks, and the functional uses of their tensors and of the
+    ``bare`` candidates (id → (owner name, attribute, tensor, owner)) by a ``functional.Recorder``; returns the
+    output and the recorder."""
     from .realise import frozen_running_stats
 
-    handles, counter = [], iter(range(1 << 30))
-    for pl in planned or ():
+    handles, counter = [], itertools.count()
+    watched = {id(t): ((owner, attr), t) for owner, attr, t, _ in (bare or {}).values()}
+    recorder = Recorder(watched, counter) if planned is not None else None
+    for name, pl in (planned or {}).items():
+        adapter = pl.adapter
 
-        adapter = adapter_for(pl.module)
-
-        def hook(mod, args, out, pl=pl, adapter=adapter):
+        def hook(mod, args, out, name=name, pl=pl, adapter=adapter):
+            recorder.inside.discard(name)
             pl.calls += 1
             pl.order = next(counter) if pl.order < 0 else pl.order
             pl.sums = {k: v.detach().clone() for k, v in adapter.sums(mod, args, out).items()}
             pl.energy, pl.bias = adapter.column_energy(mod, args, out, pl.sums), bool(adapter.has_bias)
 
+        handles.append(pl.module.register_forward_pre_hook(lambda mod, args, name=name: recorder.inside.add(name)))
         handles.append(pl.module.register_forward_hook(hook))
+        for attr, t in pl.module._parameters.items():
+            if t is not None:
+                watched[id(t)] = ((name, attr), t)
     buffers = [(b, b._version, b.clone()) for b in module.buffers()]
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), frozen_running_stats(module):
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), frozen_running_stats(module), \
+                recorder if recorder is not None else contextlib.nullcontext():
             torch.set_rng_state(rng[0])
             for d, state in zip(devices, rng[1]):
                 torch.cuda.set_rng_state(state, d)
-            return module(*inputs)
+            return module(*inputs), recorder
     finally:
         for h in handles:
             h.remove()
@@ -301,10 +291,12 @@ def _same(a, b) -> bool:
     return True
 
 
-def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module]], trace: bool = True) -> Plan:
-    """Trace, record one reference pass, and list the selected layers in execution order.
+def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module]], trace: bool = True,
+              bare: dict | None = None) -> Plan:
+    """Trace, record one reference pass, and list the selected layers and functional units in execution order.
 
-    Never changes the model: hooks are removed, running statistics and other buffers are restored.
+    ``bare``: candidate bare tensors, id → (owner name, attribute, tensor, owner) (see ``functional``). Never changes
+    the model: hooks are removed, running statistics and other buffers are restored.
     """
     planned = {name: PlannedLayer(display_name(name, m), m) for name, m in chosen}
     devices = sorted({x.device.index or 0 for x in inputs if isinstance(x, Tensor) and x.is_cuda})
@@ -321,12 +313,10 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
             reason = f"torch.fx could not trace the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     elif reason is None:
         reason = "tracing disabled"
-    rewritten = False
     if gm is not None:
-        rewritten = _rewrite_functional(gm, planned)
         _hidden(gm, planned)
     try:
-        eager = _run(model, inputs, None if gm is not None else planned.values(), rng, devices)
+        eager, recorder = _run(model, inputs, None if gm is not None else planned, rng, devices, bare)
     except TargetSpaceError:
         raise
     except Exception as e:
@@ -337,7 +327,7 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
         ) from e
     if gm is not None:
         try:
-            traced_out = _run(gm, inputs, planned.values(), rng, devices)
+            traced_out, recorder = _run(gm, inputs, planned, rng, devices, bare)
             if not _same(eager, traced_out):
                 reason = "the traced graph's output differs from eager on the reference batch"
         except TargetSpaceError:
@@ -345,20 +335,135 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
         except Exception as e:
             reason = f"the traced graph failed on the reference batch ({type(e).__name__}: {e})"
         if reason is not None:
-            if rewritten:
-                raise FunctionalWeightUseError(
-                    "Some converted weights are used functionally, and only a faithful torch.fx graph can "
-                    "solve them.",
-                    "Exclude those layers with filter_fn.",
-                    reason=reason,
-                    layers=[pl.name for pl in planned.values() if pl.functional],
-                )
-            for pl in planned.values():
-                pl.calls, pl.order, pl.sums, pl.functional, pl.hidden_in, pl.energy = 0, -1, None, [], None, None
-            _run(model, inputs, planned.values(), rng, devices)
+            for name, m in chosen:
+                planned[name] = PlannedLayer(display_name(name, m), m)
+            _, recorder = _run(model, inputs, planned, rng, devices, bare)
             gm = None
     if reason is not None and trace:
         warnings.warn(f"Planning falls back to the execution order recorded by hooks: {reason}.",
                       TraceFallbackWarning, stacklevel=3)
-    order = sorted(planned.values(), key=lambda pl: (pl.order < 0, pl.order))
-    return Plan(order, traced=reason is None, fallback_reason=reason, graph_module=gm if reason is None else None)
+    units, skipped = _functional_layers(recorder, planned, bare or {})
+    order = sorted([*planned.values(), *units], key=lambda pl: (pl.order < 0, pl.order))
+    uses_mode = bool(units) or any(key[0] in planned for key in recorder.reads) \
+        or any(isinstance(pl.adapter, FunctionalAdapter) for pl in planned.values())
+    return Plan(order, traced=reason is None, fallback_reason=reason, graph_module=gm if reason is None else None,
+                uses_mode=uses_mode, skipped=skipped)
+
+
+# ------------------------------------------------------------------------------------------ functional uses
+def _record_use(pl: PlannedLayer, use, adapter: FunctionalAdapter) -> None:
+    pl.adapter = adapter
+    pl.calls += 1
+    pl.order = use.order if pl.order < 0 else pl.order
+    pl.sums = {adapter.weight: use.output}
+    pl.energy = adapter.column_energy(pl.module, (use.input,), use.output, pl.sums)
+    pl.bias = bool(adapter.bias)
+    pl.functional.append(use.op)
+
+
+def _functional_layers(recorder: Recorder, planned: dict[str, PlannedLayer], bare: dict
+                       ) -> tuple[list[PlannedLayer], dict[str, str]]:
+    """From the recorded functional uses: update the converted layers whose weight is used functionally,
+    raise for those used otherwise, and plan one unit per use of each eligible bare tensor. Returns the units
+    and, by name, the bare tensors used by F.linear/F.conv* that stay in weight space, with the reason."""
+    by_weight: dict = {}
+    for use in recorder.uses:
+        by_weight.setdefault(use.weight[0], []).append(use)
+    for name, pl in planned.items():
+        for attr in ("weight", "bias"):
+            op = recorder.others.get((name, attr))
+            if op is not None:
+                raise FunctionalWeightUseError(
+                    f"Layer '{pl.name}': its {attr} is computed with by {op} outside the module's forward; only "
+                    "F.linear and F.conv1d/2d/3d uses of a converted weight can be solved (eq. 6).",
+                    "Exclude it with filter_fn=lambda module, name: name != '%s'." % name,
+                    layer=pl.name, op=op,
+                )
+        for use in by_weight.pop((name, "weight"), []):
+            full = pl.module.weight.shape[0]
+            own = (name, "bias") if pl.module._parameters.get("bias") is not None else None
+            if not isinstance(pl.adapter, (FeedForwardAdapter, FunctionalAdapter)):
+                raise FunctionalWeightUseError(
+                    f"Layer '{pl.name}': its weight is used by {use.op} outside the module's forward; only the "
+                    "weights of Linear and Conv layers can be solved there.",
+                    "Exclude it with filter_fn=lambda module, name: name != '%s'." % name, layer=pl.name)
+            if use.weight[1:] != (0, full):
+                raise FunctionalWeightUseError(
+                    f"Layer '{pl.name}': rows {use.weight[1]}:{use.weight[2]} of its weight are used by {use.op}; "
+                    "a layer's weight is solved as a whole.",
+                    "Exclude it with filter_fn=lambda module, name: name != '%s'." % name, layer=pl.name)
+            if (use.bias[0] if use.bias else None) != own or (use.bias and use.bias[1:] != (0, full)):
+                raise FunctionalWeightUseError(
+                    f"Layer '{pl.name}': its weight is used by {use.op} without its own bias, while the layer has "
+                    "one; the solve cannot tell which bias the sums include." if own else
+                    f"Layer '{pl.name}': its weight is used by {use.op} with another layer's bias.",
+                    "Exclude it with filter_fn, or create the layer with bias=False.", layer=pl.name)
+            _record_use(pl, use, FunctionalAdapter("weight", "bias" if own else None, (0, full), full, use.shadow,
+                                                   use.external is not None))
+    for use in recorder.uses:
+        if use.bias and use.bias[0][0] in planned and use.weight[0][0] != use.bias[0][0]:
+            raise FunctionalWeightUseError(
+                f"The bias of layer '{planned[use.bias[0][0]].name}' is used by {use.op} with another weight.",
+                "Exclude it with filter_fn.", layer=planned[use.bias[0][0]].name)
+    units, skipped = [], {}
+    reasons = _ineligible(by_weight, recorder, bare)
+    for key, uses in by_weight.items():
+        owner, attr = key
+        name = f"{owner}.{attr}" if owner else attr
+        if key in reasons:
+            skipped[name] = reasons[key]
+            continue
+        tensor, owner_module = next((t, m) for o, a, t, m in bare.values() if (o, a) == key)
+        full = tensor.shape[0]
+        for k, use in enumerate(sorted(uses, key=lambda u: u.weight[1])):
+            rows = use.weight[1:]
+            bias_full = next((t.shape[0] for o, a, t, _ in bare.values() if (o, a) == use.bias[0]), None) \
+                if use.bias else None
+            adapter = FunctionalAdapter(attr, use.bias[0][1] if use.bias else None, rows, full, use.shadow,
+                                        use.external is not None, slot=k,
+                                        bias_rows=use.bias[1:] if use.bias else None, bias_full=bias_full)
+            pl = PlannedLayer(name + (f"[{rows[0]}:{rows[1]}]" if rows != (0, full) else ""), owner_module)
+            _record_use(pl, use, adapter)
+            units.append(pl)
+    return units, skipped
+
+
+def _tiles(blocks: list[tuple[int, int]], full: int) -> bool:
+    blocks = sorted(blocks)
+    return blocks[0][0] == 0 and blocks[-1][1] == full and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+
+
+def _ineligible(by_weight: dict, recorder: Recorder, bare: dict) -> dict:
+    """Why each bare weight (key) cannot be solved at its uses: computed with by another op; its rows not
+    used exactly once each; or its bias (a bare tensor whose row blocks may serve several weights, as
+    q/k/v_proj_weight share in_proj_bias) computed with otherwise, not tiled, or serving an ineligible
+    weight."""
+    size = {(o, a): t.shape[0] for o, a, t, _ in bare.values()}
+    reasons = {}
+    for key, uses in by_weight.items():
+        if key in recorder.others:
+            reasons[key] = f"it is also computed with by {recorder.others[key]}"
+        elif not _tiles([u.weight[1:] for u in uses], size[key]):
+            reasons[key] = f"its rows are used as {sorted(u.weight[1:] for u in uses)}, not once each"
+        elif len({u.bias is None for u in uses}) > 1:
+            reasons[key] = "some of its uses take a converted bias and some do not"
+    by_bias: dict = {}
+    for u in recorder.uses:
+        if u.bias:
+            by_bias.setdefault(u.bias[0], []).append(u)
+    changed = True
+    while changed:
+        changed = False
+        for bias, uses in by_bias.items():
+            why = None
+            if bias in recorder.others:
+                why = f"its bias is also computed with by {recorder.others[bias]}"
+            elif bias not in size or not _tiles([u.bias[1:] for u in uses], size[bias]):
+                why = "its bias is not a bare tensor whose rows are used once each"
+            elif any(u.weight[0] in reasons for u in uses):
+                why = "its bias also serves a weight that stays in weight space"
+            if why:
+                for u in uses:
+                    if u.weight[0] in by_weight and u.weight[0] not in reasons:
+                        reasons[u.weight[0]], changed = why, True
+    return reasons

@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import (FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, ReferencePassError, SolveError,
                      TargetSpaceError, UnsupportedHabitError)
+from .functional import FunctionalAdapter, ReferenceUses
 from .layers import Adapter, FeedForwardAdapter
 from .parametrization import ridge_lams
 from .recompute import Recomputation, in_backward
@@ -245,9 +246,15 @@ class Realiser:
     """Holds the converted layers of one root module and realises their weights from their targets."""
 
     def __init__(self, root: nn.Module, layers: list[ConvertedLayer], lam: float, cascade: str, reference,
-                 graph_module: nn.Module | None = None, lam_mode: str = "absolute"):
+                 graph_module: nn.Module | None = None, lam_mode: str = "absolute", uses_mode: bool = False):
         self.root = root
         self.layers = layers
+        # functional units (see functional): (stored key, r0, r1) → layer index; the reference pass then runs
+        # under ReferenceUses (also when converted weights are only read outside their module: ``uses_mode``)
+        self.units = self._units()
+        self.uses_mode = uses_mode or bool(self.units)
+        self.uses: ReferenceUses | None = None  # the mode of the reference pass in progress
+        self.joined: dict = {}  # (units, name) → a stored tensor assembled from row blocks (see tensor)
         self.lam = float(lam)
         # lam_mode="relative": each target's λ_j is the buffer `lam` of its parametrization (ridge_lams)
         self.relative = lam_mode == "relative"
@@ -275,8 +282,16 @@ class Realiser:
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
         state = dict(self.__dict__)
         state.update(cache=None, pending=None, capture=None, key=None, phase=IDLE, depth=0,
-                     solves=None, inline=False, equal_inputs={}, recompute=Recomputation())
+                     solves=None, inline=False, equal_inputs={}, recompute=Recomputation(), uses=None, joined={})
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.units = self._units()  # keyed by the identity of the (copied) owners
+
+    def _units(self) -> dict:
+        return {((id(layer.module), layer.adapter.weight), *layer.adapter.rows): i
+                for i, layer in enumerate(self.layers) if isinstance(layer.adapter, FunctionalAdapter)}
 
     def _reference_graph(self, gm: nn.Module) -> nn.Module:
         """Route the graph's calls of converted Linear/Conv layers through :class:`ReferenceCall`, and its
@@ -297,8 +312,15 @@ class Realiser:
     def targets(self, i: int) -> dict[str, Tensor]:
         """The targets of layer i, by the name of the tensor whose parametrization holds them."""
         layer = self.layers[i]
+        if type(layer.adapter) is FunctionalAdapter:
+            return layer.adapter.target_tensors(layer.module)
         lists = layer.module.__dict__["_modules"]["parametrizations"]._modules  # nn.Module.__getattr__, unrolled
         return {n: lists[n]._parameters["original"] for n in layer.adapter.targets}
+
+    def stored_name(self, key: tuple) -> str:
+        """The qualified name of the stored tensor ``(id(owner), attribute)``."""
+        owner = next((n for n, m in self.root.named_modules() if id(m) == key[0]), "?")
+        return f"{owner}.{key[1]}" if owner else key[1]
 
     def reference_inputs(self) -> tuple:
         return tuple(getattr(self.root, name) if name else value for name, value in self.reference)
@@ -344,7 +366,7 @@ class Realiser:
                     self.recompute.keep_rng(sorted({x.device.index or 0 for x in inputs
                                                     if isinstance(x, Tensor) and x.is_cuda}))
                 with frozen_running_stats(self.root, modules), _normal_tensors(), autocast_off(), \
-                        _own_saved_tensors():
+                        _own_saved_tensors(), self._uses():
                     out = (self.graph_module or self.root)(*inputs)
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
@@ -367,8 +389,15 @@ class Realiser:
                 self.phase = prev
                 return self.realise()
         finally:
-            self.phase, self.pending, self.solves = prev, None, None
+            self.phase, self.pending, self.solves, self.uses = prev, None, None, None
         return out
+
+    def _uses(self) -> contextlib.AbstractContextManager:
+        """The mode that solves functional units (see functional), when the model has them."""
+        if not self.uses_mode:
+            return contextlib.nullcontext()
+        self.uses = ReferenceUses(self)
+        return self.uses
 
     def _begin(self) -> tuple:
         """Start a reference pass: no layer solved yet; the reference inputs."""
@@ -391,7 +420,7 @@ class Realiser:
                 )
         if self._check(self.pending):
             return True
-        self.cache = self.pending
+        self.cache, self.joined = self.pending, {}
         self.key = self.state_key(modules)
         self.realisations += 1
         return False
@@ -467,10 +496,15 @@ class Realiser:
             raise reused_error(self.layers[i].name, self.calls[i])
         self.order.append(i)
         layer = self.layers[i]
-        solves = self.solves.scoped(ridge_lams(layer.module, layer.adapter.targets)) if self.relative \
-            else self.solves
-        self.pending[i], out = layer.adapter.realise(layer.module, args, self.targets(i), solves, layer.name,
-                                                     self.cascade == "optimistic")
+        if self.relative:
+            lams = layer.adapter.lams(layer.module) if type(layer.adapter) is FunctionalAdapter else \
+                ridge_lams(layer.module, layer.adapter.targets)
+            solves = self.solves.scoped(lams)
+        else:
+            solves = self.solves
+        with contextlib.nullcontext() if self.uses is None else torch._C.DisableTorchFunction():  # (no mode)
+            self.pending[i], out = layer.adapter.realise(layer.module, args, self.targets(i), solves, layer.name,
+                                                         self.cascade == "optimistic")
         return out
 
     def _passed_on(self, i: int, args: tuple, output):
@@ -482,6 +516,11 @@ class Realiser:
         if self.cascade == "optimistic":
             return layer.adapter.optimistic(layer.module, output, self.targets(i))
         return output
+
+    def functional_call(self, i: int, x: Tensor):
+        """Functional unit i's F.linear/F.conv* call in the reference pass (see functional.ReferenceUses):
+        solved from its input ``x``; what it passes on."""
+        return self._passed_on(i, (x,), self._solve(i, (x,)))
 
     def reference_call(self, i: int, args: tuple):
         """Layer i's call in the reference graph (see :class:`ReferenceCall`)."""
@@ -574,6 +613,7 @@ class Realiser:
         then equals the reference pass (Algorithm 2) as a function of the targets, so one forward serves as
         both, with the same gradient (section 2.3, X = X̄)."""
         if kwargs or self.cascade != "sequential" or self.graph_module is None or self.random is None \
+                or self.uses_mode \
                 or len(args) != len(self.reference) or len(self.root._forward_pre_hooks) > 1 or _global_hooks() \
                 or autocast_on() or _saved_tensors_hooks():
             return False  # (a later forward pre-hook of the root could change the input the forward sees; under
@@ -600,22 +640,45 @@ class Realiser:
                     self.equal_inputs[name] = (arg, ref, stamp)
         return True
 
-    def tensor(self, i: int, which: str) -> Tensor:
-        """The realised tensor ``which`` (e.g. "weight") of layer i, as the parametrization returns it."""
+    def tensor(self, i, which: str) -> Tensor:
+        """The realised tensor ``which`` (e.g. "weight") of layer i, as the parametrization returns it; ``i`` is
+        a tuple of functional units for a tensor assembled from their row blocks (see functional)."""
         if self.phase == REFERENCE:
-            wb = self.pending[i]
-            if wb is None:
-                name = self.layers[i].name
-                raise FunctionalWeightUseError(
-                    f"The weight of layer '{name}' was read during the reference pass before the layer ran: "
-                    "it is used functionally (e.g. F.linear(x, layer.weight)) outside the module's forward, "
-                    "so its input A is unknown.",
-                    "Exclude it with filter_fn=lambda module, name: name != '%s'." % name,
-                    layer=name,
-                )
-            return wb[which]
+            parts = [self.pending[j] for j in i] if isinstance(i, tuple) else self.pending[i]
+            if parts is None or (isinstance(i, tuple) and any(p is None for p in parts)):
+                return self._unsolved(i, which)
+            return torch.cat([p[which] for p in parts]) if isinstance(i, tuple) else parts[which]
         if not torch.compiler.is_compiling() and in_backward():  # checkpointing's recomputation: never a
             return self.recompute.tensor(self, i, which)  # realisation there (see recompute)
         if self.phase == IDLE:
             self.ensure_fresh()
-        return self.cache[i][which]
+        return self.realised(i, which)
+
+    def realised(self, i, which: str) -> Tensor:
+        """The realised tensor of the last realisation (row blocks assembled once per realisation)."""
+        if not isinstance(i, tuple):
+            return self.cache[i][which]
+        t = self.joined.get((i, which))
+        if t is None:
+            t = self.joined[(i, which)] = torch.cat([self.cache[j][which] for j in i])
+        return t
+
+    def _unsolved(self, i, which: str) -> Tensor:
+        """A read, during the reference pass, of a tensor whose layer has not been solved yet: a placeholder
+        under the functional mode (see functional.ReferenceUses), else an error."""
+        first = i[0] if isinstance(i, tuple) else i
+        layer = self.layers[first]
+        shape = layer.adapter.stored_shape(which) if isinstance(layer.adapter, (FunctionalAdapter,
+                                                                                FeedForwardAdapter)) else None
+        if self.uses is not None and shape is not None:
+            like = next(iter(self.targets(first).values()))
+            return self.uses.placeholder(layer.module, which, like, shape)
+        name = layer.name
+        raise FunctionalWeightUseError(
+            f"The weight of layer '{name}' was read during the reference pass before the layer ran: "
+            "it is used functionally (e.g. F.linear(x, layer.weight)) outside the module's forward, "
+            "so its input A is unknown.",
+            "Exclude it with filter_fn=lambda module, name: name != '%s'." % name,
+            layer=name,
+        )
+

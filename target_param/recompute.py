@@ -59,7 +59,7 @@ class Recomputation:
     def tensor(self, realiser, i: int, which: str) -> Tensor:
         """Layer i's realised ``which`` for a read inside a backward: no realisation; a proxy when the read
         may build a graph."""
-        realised = realiser.cache[i][which]
+        realised = realiser.realised(i, which)
         if not realiser.needs_graph():  # (a cache realised without a graph, under no_grad, still gets proxies)
             return realised
         entry = self.proxies.get((i, which))
@@ -81,5 +81,5 @@ class Recomputation:
             if not realiser.graph_intact():
                 with self.replayed_rng():
                     realiser.realise()
-            tensors = [realiser.cache[i][which] for (i, which), _ in pending]
+            tensors = [realiser.realised(i, which) for (i, which), _ in pending]
             torch.autograd.backward(tensors, [g for _, g in pending])

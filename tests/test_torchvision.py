@@ -60,7 +60,7 @@ RTOL = 1e-3
 ALL = sorted(torchvision.models.list_models(module=torchvision.models))
 CI_MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5",
              "mnasnet0_5", "regnet_y_400mf", "efficientnet_b0", "densenet121", "googlenet", "convnext_tiny",
-             "alexnet", "vit_b_32", "swin_t"]
+             "alexnet", "vit_b_32", "swin_t", "maxvit_t"]
 
 # The smallest input each builder takes: 32×32 unless listed. alexnet's three stride-2 max-pools after its
 # stride-4 stem need 63+; inception_v3's auxiliary head (train mode) needs a 17×17 Mixed_6e map, i.e. 299;
@@ -113,7 +113,21 @@ def _loss(out, y):
 
 
 def _targets(model):
-    return {n: p for n, p in model.named_parameters() if n.endswith("parametrizations.weight.original")}
+    """Every target: ``parametrizations.<tensor>.original`` (and ``original<k>`` of row-block units)."""
+    return {n: p for n, p in model.named_parameters() if ".parametrizations." in n and ".original" in n}
+
+
+def weight_space_maps(model):
+    """The linear maps left in weight space: Linear/Conv modules and nn.MultiheadAttention projections that
+    are not parametrized."""
+    left = []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not tp.is_target_space(m):
+            left.append(n)
+        if isinstance(m, nn.MultiheadAttention):
+            attrs = ["in_proj_weight"] if m._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            left += [f"{n}.{a}" for a in attrs if a not in getattr(m, "parametrizations", {})]
+    return left
 
 
 def check(name, rec=None):
@@ -148,6 +162,9 @@ def check(name, rec=None):
                               else f"{w.category.__name__}: {str(w.message)[:120]}" for w in caught})
     targets = _targets(model)
     rec["converted_layers"] = len(targets)
+    rec["weight_space_maps"] = weight_space_maps(model)
+    if rec["family"] in ATTENTION_FAMILIES:
+        assert not rec["weight_space_maps"], f"left in weight space: {rec['weight_space_maps']}"
     with torch.no_grad():
         y1 = model(ref)
     rec["rel_out"] = rel(y1, y0)
@@ -178,12 +195,10 @@ def check(name, rec=None):
     assert not unchanged, f"{len(unchanged)}/{len(start)} targets did not change: {unchanged[:5]}"
 
     # 3. back to weight space: the realised weights stay, as plain parameters
-    converted = [n.rsplit(".parametrizations.", 1)[0] for n in _targets(model)]
-    mods = dict(model.named_modules())
+    mods = {n: m for n, m in model.named_modules() if "parametrizations" in m._modules}
     with torch.no_grad():
         y2 = model(ref)
-        realised = {f"{n}.{t}": getattr(mods[n], t).clone() for n in converted for t in ("weight", "bias")
-                    if getattr(mods[n], t, None) is not None}
+        realised = {f"{n}.{t}": getattr(m, t).clone() for n, m in mods.items() for t in m.parametrizations}
     tp.to_weight_space(model)
     assert list(model.state_dict()) == keys
     assert [(n, type(m)) for n, m in model.named_modules()] == classes
@@ -200,9 +215,11 @@ def check(name, rec=None):
     return rec
 
 
-# Refused by name today: torchvision's Swin passes its attention Linears' weights to the function
-# shifted_window_attention instead of calling the modules (a later issue is to solve such uses).
-REFUSED = {n: "FunctionalWeightUseError" for n in ALL if n.startswith("swin_")}
+# Refused by name (and left untouched): none. The attention families must convert every linear map: torchvision's
+# Swin passes its attention Linears' weights to shifted_window_attention, ViT's nn.MultiheadAttention its bare
+# in_proj_weight and out_proj's weight to F.multi_head_attention_forward (see target_param.functional).
+REFUSED: dict[str, str] = {}
+ATTENTION_FAMILIES = ("vision_transformer", "swin_transformer", "maxvit")
 
 
 @pytest.mark.filterwarnings("ignore::target_param.RankDeficientWarning",  # expected at n̄ = 8 and λ = 1e-6

@@ -1,0 +1,483 @@
+"""Attention and every linear map: weights used functionally (F.linear / F.conv* outside their module), bare
+Parameters (nn.MultiheadAttention's in_proj_weight, q/k/v_proj_weight), row blocks (cross-attention), the
+transformer layers of torch.nn, their fused eval fast paths, and tied weights (see target_param.functional).
+
+Every realised weight is checked against eq. 6 computed here, ``W = T·A^‡`` with ``A`` the input that the use
+actually received: recomputed from the realised weights by hand (self-attention written out), or captured by a
+forward pre-hook on the module that makes the call. Algorithm 3's gradient on a transformer encoder layer is
+checked against autograd through an explicit reference pass and training forward written here.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import target_param as tp
+from conftest import assert_same_state, model_state
+
+DT = torch.float64
+E, H, FF = 8, 2, 12
+
+
+def ridge(a, t, lam):
+    """Eq. 6 in row layout: patterns ``a`` (N, d), targets ``t`` (N, o) → (W (o, d), b (o,)), with the ones
+    column of the bias; λ on the unnormalised Gram, bias row included."""
+    a1 = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    w = torch.linalg.solve(a1.T @ a1 + lam * torch.eye(a1.shape[1], dtype=a.dtype), a1.T @ t).T
+    return w[:, :-1], w[:, -1]
+
+
+def rows(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def close(a, b, tol=1e-9):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item() < tol
+
+
+def attention(q, k, v, heads, mask=None):
+    """Scaled dot-product attention on (L, N, E) inputs, heads split as nn.MultiheadAttention splits them."""
+    L, N, E_ = q.shape
+    hd = E_ // heads
+
+    def split(x):
+        return x.reshape(x.shape[0], N * heads, hd).transpose(0, 1)
+    s = split(q) @ split(k).transpose(1, 2) / math.sqrt(hd)
+    if mask is not None:
+        s = s + mask
+    out = torch.softmax(s, -1) @ split(v)
+    return out.transpose(0, 1).reshape(L, N, E_)
+
+
+def weight_space_maps(model):
+    left = []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not tp.is_target_space(m):
+            left.append(n)
+        if isinstance(m, nn.MultiheadAttention):
+            attrs = ["in_proj_weight"] if m._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            left += [f"{n}.{a}" for a in attrs if a not in getattr(m, "parametrizations", {})]
+    return left
+
+
+def targets(model):
+    return {n: p for n, p in model.named_parameters() if ".parametrizations." in n and ".original" in n}
+
+
+def realise(model):
+    with torch.no_grad():
+        for r in tp.convert.realisers(model):
+            r.realise()
+
+
+# ------------------------------------------------------------------------------------------ eq. 6 at each use
+class SelfAttention(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.pre = nn.Linear(E, E)
+        self.att = nn.MultiheadAttention(E, H, batch_first=batch_first)
+
+    def forward(self, x):
+        h = torch.tanh(self.pre(x))
+        return self.att(h, h, h, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_in_and_out_projections_solve_eq6(batch_first):
+    torch.manual_seed(0)
+    model = SelfAttention(batch_first).to(DT)
+    ref = torch.randn(6, 5, E, dtype=DT)  # (N, L, E) or (L, N, E)
+    lam = 1e-3
+    tp.to_target_space(model, ref, lam=lam, init="random", target_std=0.5)
+    assert not weight_space_maps(model)
+    att = model.att
+    with torch.no_grad():
+        h = torch.tanh(F.linear(ref, model.pre.weight, model.pre.bias))
+        seq = h.transpose(0, 1) if batch_first else h  # (L, N, E): how F.multi_head_attention_forward runs
+        w_in, b_in = ridge(rows(seq), rows(att.parametrizations.in_proj_weight.original), lam)
+        assert close(att.in_proj_weight, w_in) and close(att.in_proj_bias, b_in)
+        q, k, v = (rows(seq) @ w_in.T + b_in).reshape(*seq.shape[:2], 3 * E).chunk(3, -1)
+        a = attention(q, k, v, H)
+        w_out, b_out = ridge(rows(a), att.out_proj.parametrizations.weight.original, lam)
+        assert close(att.out_proj.weight, w_out) and close(att.out_proj.bias, b_out)
+        # SCU: the reference pass hands on S_j = W A, so the model's output on X̄ is computed with these weights
+        out = (rows(a) @ w_out.T + b_out).reshape(seq.shape)
+        assert close(model(ref), out.transpose(0, 1) if batch_first else out)
+
+
+class Functional(nn.Module):
+    """Weights used outside their module: a Linear's and a Conv's by F.linear / F.conv2d, and bare Parameters
+    (a matrix with a bias, a strided grouped kernel without one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.kernel = nn.Parameter(torch.randn(6, 2, 3, 3) * 0.3)
+        self.fc = nn.Linear(6 * 4, 7)
+        self.w = nn.Parameter(torch.randn(3, 7) * 0.3)
+        self.b = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        c = self.conv
+        h = torch.tanh(F.conv2d(x, c.weight, c.bias, c.stride, c.padding))
+        h = torch.tanh(F.conv2d(h, self.kernel, None, 2, 0, 1, 2))  # bare, stride 2, groups 2, no bias
+        h = torch.tanh(F.linear(h.flatten(1), self.fc.weight, self.fc.bias))
+        return F.linear(h, self.w, self.b)
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_functional_and_bare_uses_solve_eq6_from_the_input_of_the_use(trace):
+    torch.manual_seed(0)
+    model = Functional().to(DT)
+    ref = torch.randn(5, 2, 5, 5, dtype=DT)
+    lam = 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.RankDeficientWarning)
+        tp.to_target_space(model, ref, lam=lam, init="random", target_std=0.5, trace=trace)
+    names = [layer.name for r in tp.convert.realisers(model) for layer in r.layers]
+    assert names == ["conv", "kernel", "fc", "w"]  # forward order
+    with torch.no_grad():
+        # conv: im2col by F.unfold of the input it received (the reference batch)
+        a = F.unfold(ref, 3, padding=1).transpose(1, 2)  # (n, positions, 2·9)
+        t = model.conv.parametrizations.weight.original  # (n, 4, 5, 5)
+        w, b = ridge(rows(a), rows(t.flatten(2).transpose(1, 2)), lam)
+        assert close(model.conv.weight.flatten(1), w) and close(model.conv.bias, b)
+        h = torch.tanh(F.conv2d(ref, model.conv.weight, model.conv.bias, 1, 1))
+        # the bare grouped kernel, stride 2: one problem per group, no bias row
+        t = model.parametrizations.kernel.original  # (n, 6, 2, 2)
+        for g in range(2):
+            a = F.unfold(h[:, 2 * g:2 * g + 2], 3, stride=2).transpose(1, 2)  # 2 input channels per group
+            tg = rows(t[:, 3 * g:3 * g + 3].flatten(2).transpose(1, 2))
+            want = torch.linalg.solve(rows(a).T @ rows(a) + lam * torch.eye(18, dtype=DT), rows(a).T @ tg).T
+            assert close(model.kernel[3 * g:3 * g + 3].flatten(1), want)
+        h = torch.tanh(F.conv2d(h, model.kernel, None, 2, 0, 1, 2)).flatten(1)
+        w, b = ridge(h, model.fc.parametrizations.weight.original, lam)
+        assert close(model.fc.weight, w) and close(model.fc.bias, b)
+        h = torch.tanh(F.linear(h, model.fc.weight, model.fc.bias))
+        w, b = ridge(h, model.parametrizations.w.original, lam)
+        assert close(model.w, w) and close(model.b, b)
+    assert sorted(model.state_dict()) == sorted([
+        "target_space_reference", "conv.parametrizations.weight.original", "parametrizations.kernel.original",
+        "fc.parametrizations.weight.original", "parametrizations.w.original"])
+
+
+def test_cross_attention_blocks_solve_from_query_and_memory_with_a_causal_mask():
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(E, H, FF, dropout=0.0, batch_first=True).to(DT)
+    mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=DT)
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = dec
+
+        def forward(self, x, memory):
+            return self.dec(x, memory, tgt_mask=mask, tgt_is_causal=True)
+    model = Decoder()
+    x, memory = torch.randn(4, 5, E, dtype=DT), torch.randn(4, 7, E, dtype=DT)
+    lam = 1e-3
+    tp.to_target_space(model, (x, memory), lam=lam, init="random", target_std=0.5)
+    assert not weight_space_maps(model)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args))
+             for name, m in (("self", dec.self_attn), ("cross", dec.multihead_attn))]
+    realise(model)
+    for hk in hooks:
+        hk.remove()
+    with torch.no_grad():
+        cross = dec.multihead_attn
+        p = cross.parametrizations.in_proj_weight
+        assert p.original.shape == (5, 4, E) and p.original1.shape == (7, 4, 2 * E)  # (L, N, E), (S, N, 2E)
+        query, key, value = (t.transpose(0, 1) for t in seen["cross"][:3])
+        assert torch.equal(key, memory.transpose(0, 1)) and value is not None
+        w, b = ridge(rows(query), rows(p.original), lam)  # the query rows, on the target sequence
+        assert close(cross.in_proj_weight[:E], w) and close(cross.in_proj_bias[:E], b)
+        w, b = ridge(rows(key), rows(p.original1), lam)  # the key/value rows, on the memory
+        assert close(cross.in_proj_weight[E:], w) and close(cross.in_proj_bias[E:], b)
+        # self-attention with the causal mask: its out_proj solved from the masked attention
+        s = seen["self"][0].transpose(0, 1)
+        w_in, b_in = ridge(rows(s), rows(dec.self_attn.parametrizations.in_proj_weight.original), lam)
+        assert close(dec.self_attn.in_proj_weight, w_in)
+        q, k, v = (rows(s) @ w_in.T + b_in).reshape(*s.shape[:2], 3 * E).chunk(3, -1)
+        a = attention(q, k, v, H, mask)
+        w, b = ridge(rows(a), dec.self_attn.out_proj.parametrizations.weight.original, lam)
+        assert close(dec.self_attn.out_proj.weight, w) and close(dec.self_attn.out_proj.bias, b)
+
+
+def test_kdim_vdim_projections_share_the_stacked_bias():
+    torch.manual_seed(0)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(E, H, kdim=5, vdim=3, batch_first=True)
+
+        def forward(self, q, k, v):
+            return self.att(q, k, v)[0]
+    model = Cross().to(DT)
+    q, k, v = (torch.randn(6, 4, d, dtype=DT) for d in (E, 5, 3))
+    lam = 1e-3
+    tp.to_target_space(model, (q, k, v), lam=lam, init="random")
+    assert not weight_space_maps(model)
+    att = model.att
+    with torch.no_grad():
+        for i, (name, inp) in enumerate((("q_proj_weight", q), ("k_proj_weight", k), ("v_proj_weight", v))):
+            w, b = ridge(rows(inp.transpose(0, 1)), rows(att.parametrizations[name].original), lam)
+            assert close(getattr(att, name), w) and close(att.in_proj_bias[i * E:(i + 1) * E], b)
+    keys = set(model.state_dict())
+    assert {"att.parametrizations.q_proj_weight.original", "att.parametrizations.k_proj_weight.original",
+            "att.parametrizations.v_proj_weight.original"} <= keys and "att.in_proj_bias" not in keys
+
+
+# ------------------------------------------------------------------------------------------ Algorithm 3
+def test_transformer_encoder_layer_gradients_equal_an_explicit_algorithm_3():
+    """dL/dT of the library against autograd through the SCU reference pass and the training forward of an
+    nn.TransformerEncoderLayer (post-norm, ReLU, batch_first), both written here with eq. 6."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True).to(DT)
+    ref, x = torch.randn(5, 4, E, dtype=DT), torch.randn(3, 4, E, dtype=DT)
+    lam = 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(layer, ref, lam=lam, init="random", target_std=0.5)
+    sa = layer.self_attn
+    tgt = {"in": sa.parametrizations.in_proj_weight.original, "out": sa.out_proj.parametrizations.weight.original,
+           "l1": layer.linear1.parametrizations.weight.original, "l2": layer.linear2.parametrizations.weight.original}
+    norms = [layer.norm1, layer.norm2]
+
+    def norm(i, z):
+        return F.layer_norm(z, (E,), norms[i].weight, norms[i].bias, norms[i].eps)
+
+    def block(z, w, solve=False):
+        """The layer on z (N, L, E); with solve, each weight is solved first from the input it gets (SCU)."""
+        s = z.transpose(0, 1)
+        if solve:
+            w["in"] = ridge(rows(s), rows(tgt["in"]), lam)
+        q, k, v = (rows(s) @ w["in"][0].T + w["in"][1]).reshape(*s.shape[:2], 3 * E).chunk(3, -1)
+        a = rows(attention(q, k, v, H))
+        if solve:
+            w["out"] = ridge(a, tgt["out"], lam)
+        z1 = norm(0, z + (a @ w["out"][0].T + w["out"][1]).reshape(s.shape).transpose(0, 1))
+        if solve:
+            w["l1"] = ridge(rows(z1), rows(tgt["l1"]), lam)
+        h = torch.relu(z1 @ w["l1"][0].T + w["l1"][1])
+        if solve:
+            w["l2"] = ridge(rows(h), rows(tgt["l2"]), lam)
+        return norm(1, z1 + h @ w["l2"][0].T + w["l2"][1])
+
+    def loss(out):
+        return (out.sin() * torch.linspace(-1, 1, E, dtype=DT)).sum()
+
+    loss(layer(x)).backward()
+    got = {k: t.grad.clone() for k, t in tgt.items()} | {f"norm{i}": norms[i].weight.grad.clone() for i in (0, 1)}
+    for p in layer.parameters():
+        p.grad = None
+    weights = {}
+    block(ref, weights, solve=True)  # Algorithm 2, by hand
+    loss(block(x, weights)).backward()  # Algorithm 1 with those weights; autograd gives Algorithm 3
+    want = {k: t.grad for k, t in tgt.items()} | {f"norm{i}": norms[i].weight.grad for i in (0, 1)}
+    for k in want:
+        assert close(got[k], want[k], 1e-8), k
+
+
+# ------------------------------------------------------------------------------------------ transformer layers
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_nn_transformer_converts_every_linear_map(batch_first, norm_first):
+    torch.manual_seed(0)
+    model = nn.Transformer(E, H, 2, 2, FF, dropout=0.1, batch_first=batch_first, norm_first=norm_first)
+    shape = (lambda n, l: (n, l, E)) if batch_first else (lambda n, l: (l, n, E))
+    src, tgt = torch.randn(shape(6, 7)), torch.randn(shape(6, 5))
+    keys, classes = list(model.state_dict()), [(n, type(m)) for n, m in model.named_modules()]
+    model.eval()
+    with torch.no_grad():
+        y0 = model(src, tgt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(model, (src, tgt), lam=1e-5, lam_mode="relative")
+    assert not weight_space_maps(model)
+    with torch.no_grad():
+        assert close(model(src, tgt), y0, 1e-3)
+    model.train()
+    start = {n: p.detach().clone() for n, p in targets(model).items()}
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(shape(3, 7)), torch.randn(shape(3, 5))).square().mean().backward()
+        opt.step()
+    moved = [n for n, p in targets(model).items() if not torch.equal(p.detach(), start[n])]
+    assert moved == list(start)
+    model.eval()
+    probe = torch.randn(shape(2, 7)), torch.randn(shape(2, 5))
+    with torch.no_grad():
+        y1 = model(*probe)
+    tp.to_weight_space(model)
+    assert list(model.state_dict()) == keys
+    assert [(n, type(m)) for n, m in model.named_modules()] == classes
+    with torch.no_grad():
+        assert close(model(*probe), y1, 1e-6)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_eval_fast_paths_compute_with_the_realised_weights(monkeypatch, need_weights):
+    """nn.TransformerEncoderLayer's and nn.MultiheadAttention's fused kernels (used in eval under no_grad) read
+    the realised weights, also after a step has changed the targets: their output equals the slow path of a
+    weight-space copy."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True), 2,
+                                             enable_nested_tensor=False)
+            self.att = nn.MultiheadAttention(E, H, batch_first=True)
+
+        def forward(self, x):
+            h = self.enc(x)
+            return self.att(h, h, h, need_weights=need_weights)[0]
+    model = Model()
+    ref = torch.randn(6, 5, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(model, ref, lam=1e-3, lam_mode="relative")
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    model(torch.randn(3, 5, E)).square().sum().backward()
+    opt.step()  # the targets change: the realised weights must follow
+    calls = {"layer": 0, "mha": 0}
+    for name, key in (("_transformer_encoder_layer_fwd", "layer"), ("_native_multi_head_attention", "mha")):
+        fused = getattr(torch, name)
+
+        def spy(*args, fused=fused, key=key, **kwargs):
+            calls[key] += 1
+            return fused(*args, **kwargs)
+        monkeypatch.setattr(torch, name, spy)
+    model.eval()
+    x = torch.randn(4, 5, E)
+    with torch.no_grad():
+        y = model(x)
+    assert calls == {"layer": 2, "mha": 1}
+    plain = tp.to_weight_space(copy.deepcopy(model)).train()  # dropout 0: the slow path, same function
+    assert torch.allclose(y, plain(x), atol=1e-5)
+
+
+def test_state_dict_and_deepcopy_of_a_converted_decoder():
+    torch.manual_seed(0)
+    model = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, H, FF, batch_first=True), 2)
+    x, memory = torch.randn(4, 5, E), torch.randn(4, 6, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(model, (x, memory), lam=1e-3)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    model(x[:2], memory[:2]).sum().backward()
+    opt.step()
+    model.eval()
+    probe = torch.randn(2, 5, E), torch.randn(2, 6, E)
+    with torch.no_grad():
+        y = model(*probe)
+    fresh = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, H, FF, batch_first=True), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(fresh, (x, memory), lam=1e-3)
+    assert "layers.0.multihead_attn.parametrizations.in_proj_weight.original1" in model.state_dict()
+    fresh.load_state_dict(model.state_dict())
+    for other in (fresh.eval(), copy.deepcopy(model)):
+        with torch.no_grad():
+            assert torch.equal(other(*probe), y)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_tied_weights_are_refused_by_parameter_identity():
+    torch.manual_seed(0)
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, E)
+            self.mix = nn.Linear(E, E)
+            self.head = nn.Linear(E, 11, bias=False)
+            self.head.weight = self.emb.weight  # tied: the head runs once, the embedding reads it too
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.mix(self.emb(idx))))
+    model = GPT()
+    ref = torch.randint(0, 11, (6, 4))
+    before = model_state(model)
+    with pytest.raises(tp.LayerReusedError, match=r"'head'[\s\S]*'emb.weight'[\s\S]*filter_fn"):
+        tp.to_target_space(model, ref)
+    assert_same_state(before, model_state(model))
+    tp.to_target_space(model, ref, filter_fn=lambda m, n: n != "head")
+    assert model.head.weight is model.emb.weight and tp.is_target_space(model.mix)
+
+    shared = nn.Sequential(nn.Linear(E, E), nn.Tanh(), nn.Linear(E, E))
+    shared[2].weight = shared[0].weight  # one Parameter in two modules, each run once
+    with pytest.raises(tp.LayerReusedError, match="'0'"):
+        tp.to_target_space(shared, torch.randn(5, E))
+
+
+def test_other_ops_on_a_converted_weight_are_refused_by_name():
+    class MatMul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(E, E)
+
+        def forward(self, x):
+            return x @ self.fc.weight.mT + self.fc(x)
+    model = MatMul()
+    before = model_state(model)
+    with pytest.raises(tp.FunctionalWeightUseError, match=r"'fc'[\s\S]*mT[\s\S]*filter_fn"):
+        tp.to_target_space(model, torch.randn(5, E))
+    assert_same_state(before, model_state(model))
+
+
+def test_a_bare_parameter_used_twice_stays_in_weight_space_with_a_warning():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(E, E))
+            self.fc = nn.Linear(E, 3)
+
+        def forward(self, x):
+            return self.fc(F.linear(torch.tanh(F.linear(x, self.w)), self.w))
+    model = Twice()
+    with pytest.warns(UserWarning, match=r"w: its rows are used as \[\(0, 8\), \(0, 8\)\]"):
+        tp.to_target_space(model, torch.randn(20, E))
+    assert "w" in dict(model.named_parameters()) and tp.is_target_space(model.fc)
+
+
+# ------------------------------------------------------------------------------------------ model zoo
+TIMM = [("vit_tiny_patch16_224", dict(img_size=32, depth=2)), ("deit_tiny_patch16_224", dict(img_size=32, depth=2)),
+        ("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=64, num_heads=2)),
+        ("eva02_tiny_patch14_224", dict(img_size=28, depth=2)),
+        ("swin_tiny_patch4_window7_224", dict(img_size=56, depths=(1, 1), embed_dim=24, num_heads=(2, 2))),
+        ("swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1), embed_dim=24, num_heads=(2, 2)))]
+
+
+@pytest.mark.parametrize("name,kw", TIMM, ids=[n for n, _ in TIMM])
+def test_timm_transformers_convert_every_linear_map(name, kw):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    for m in model.modules():  # swinv2 starts its residual post-norms at zero: no gradient would reach the blocks
+        if isinstance(m, nn.LayerNorm) and m.weight is not None and not m.weight.any():
+            nn.init.ones_(m.weight)
+    ref = torch.randn(4, 3, kw["img_size"], kw["img_size"])
+    with torch.no_grad():
+        y0 = model(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.RankDeficientWarning)
+        tp.to_target_space(model, ref, lam=1e-6)
+    assert not weight_space_maps(model)
+    with torch.no_grad():
+        assert close(model(ref), y0, 1e-3)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    start = {n: p.detach().clone() for n, p in targets(model).items()}
+    F.cross_entropy(model(torch.randn_like(ref)), torch.arange(4)).backward()
+    opt.step()
+    assert all(not torch.equal(p.detach(), start[n]) for n, p in targets(model).items())
