@@ -23,6 +23,7 @@ columns per group; each group of a grouped conv is an independent problem. Recur
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -569,6 +570,15 @@ def _plain(module: nn.Module) -> bool:
 def _is_plain_linear_forward(cls) -> bool:
     # timm.layers.Linear re-implements Linear.forward as F.linear(x, weight, bias) (for torchscript).
     return cls.__module__.startswith("timm.layers") and cls.__name__ == "Linear"
+
+
+def positional(forward, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """The arguments of a call ``forward(module, *args, **kwargs)`` as positional ones (adapters read them so:
+    ``ConvTranspose2d(x, output_size=...)``, ``nn.RNN(x, hx=...)``)."""
+    if not kwargs:
+        return args
+    bound = inspect.signature(forward).bind(module, *args, **kwargs)
+    return tuple(bound.arguments.values())[1:]
 
 
 def is_candidate(module: nn.Module) -> bool:

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import FunctionalWeightUseError, ReferenceBatchError, TargetSpaceError, TraceFallbackWarning
 from .functional import FunctionalAdapter, Recorder
-from .layers import SUPPORTED, ConvAdapter, FeedForwardAdapter, adapter_for
+from .layers import SUPPORTED, ConvAdapter, FeedForwardAdapter, adapter_for, positional
 from .solver import uses_dual
 
 __all__ = ["Plan", "PlannedLayer", "make_plan", "display_name", "lam_ratio", "too_large", "LAMBDA_SCALE_THRESHOLD"]
@@ -244,15 +244,16 @@ def _run(module: nn.Module, inputs: tuple, planned: dict[str, PlannedLayer] | No
     for name, pl in (planned or {}).items():
         adapter = pl.adapter
 
-        def hook(mod, args, out, name=name, pl=pl, adapter=adapter):
+        def hook(mod, args, kwargs, out, name=name, pl=pl, adapter=adapter):
             recorder.inside.discard(name)
+            args = positional(type(mod).forward, mod, args, kwargs)
             pl.calls += 1
             pl.order = next(counter) if pl.order < 0 else pl.order
             pl.sums = {k: v.detach().clone() for k, v in adapter.sums(mod, args, out).items()}
             pl.energy, pl.bias = adapter.column_energy(mod, args, out, pl.sums), bool(adapter.has_bias)
 
         handles.append(pl.module.register_forward_pre_hook(lambda mod, args, name=name: recorder.inside.add(name)))
-        handles.append(pl.module.register_forward_hook(hook))
+        handles.append(pl.module.register_forward_hook(hook, with_kwargs=True))
         for attr, t in pl.module._parameters.items():
             if t is not None:
                 watched[id(t)] = ((name, attr), t)

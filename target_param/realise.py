@@ -49,7 +49,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .errors import (FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, ReferencePassError, SolveError,
                      TargetSpaceError, UnsupportedHabitError)
 from .functional import FunctionalAdapter, ReferenceUses
-from .layers import Adapter, FeedForwardAdapter
+from .layers import Adapter, FeedForwardAdapter, positional
 from .parametrization import ridge_lams
 from .recompute import Recomputation, in_backward
 from .solver import Solves, autocast_off, autocast_on, contents_version, plain_autograd
@@ -539,8 +539,9 @@ class Realiser:
 
     @_eager  # (a compiled forward on the reference batch, X = X̄, solves each layer eagerly: a graph break)
     def _reference_layer(self, i: int, base, module: nn.Module, args: tuple, kwargs: dict):
-        solved = self._solve(i, args)
-        return self._passed_on(i, args, base(module, *args, **kwargs) if solved is None else solved)
+        inputs = positional(base, module, args, kwargs)
+        solved = self._solve(i, inputs)
+        return self._passed_on(i, inputs, base(module, *args, **kwargs) if solved is None else solved)
 
     @_eager
     def root_pre_hook(self, module: nn.Module, args, kwargs):

@@ -167,6 +167,39 @@ def test_functional_and_bare_uses_solve_eq6_from_the_input_of_the_use(trace):
         "fc.parametrizations.weight.original", "parametrizations.w.original"])
 
 
+def test_an_external_bias_is_added_to_the_solved_map():
+    """beit/eva style: F.linear(x, qkv.weight, cat(q_bias, 0, v_bias)) on a Linear without a bias. The target
+    is the use's output less that bias, W solves eq. 6 without a ones row, and the bias stays a trained
+    weight-space Parameter."""
+    torch.manual_seed(0)
+
+    class BeitLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(E, 3 * E, bias=False)
+            self.q_bias, self.v_bias = nn.Parameter(torch.randn(E)), nn.Parameter(torch.randn(E))
+            self.out = nn.Linear(3 * E, 2)
+
+        def forward(self, x):
+            b = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+            return self.out(torch.tanh(F.linear(x, self.qkv.weight, b)))
+    model = BeitLike().to(DT)
+    ref = torch.randn(30, E, dtype=DT)
+    with torch.no_grad():
+        y0 = model(ref)
+        t0 = ref @ model.qkv.weight.T  # what the target must be: the output less the external bias
+    lam = 1e-10
+    tp.to_target_space(model, ref, lam=lam)
+    t = model.qkv.parametrizations.weight.original
+    assert close(t, t0, 1e-12)
+    with torch.no_grad():
+        assert close(model(ref), y0, 1e-8)
+        want = torch.linalg.solve(ref.T @ ref + lam * torch.eye(E, dtype=DT), ref.T @ t).T
+        assert close(model.qkv.weight, want)
+    model(torch.randn(5, E, dtype=DT)).sum().backward()
+    assert model.q_bias.grad.abs().sum() > 0 and t.grad.abs().sum() > 0
+
+
 def test_cross_attention_blocks_solve_from_query_and_memory_with_a_causal_mask():
     torch.manual_seed(0)
     dec = nn.TransformerDecoderLayer(E, H, FF, dropout=0.0, batch_first=True).to(DT)

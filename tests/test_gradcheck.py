@@ -3,7 +3,9 @@ function of the targets, with the targets swapped in by ``torch.func.functional_
 
 Each call therefore runs Algorithm 2 (the reference pass on X̄, with the solve of eq. 6) and then Algorithm 1 on
 X, so gradcheck compares autograd's dOutput/dT (what the library trains with) against central differences.
-Both cascades (SCU, OCU) are checked, for Linear and Conv1d/2d/3d with stride/dilation/groups/padding modes.
+Both cascades (SCU, OCU) are checked, for Linear, Conv1d/2d/3d with stride/dilation/groups/padding modes,
+ConvTranspose1d/2d/3d with stride/padding/output_padding/dilation/groups, and nn.MultiheadAttention (its bare
+in_proj_weight and its out_proj solved at their F.linear calls, see target_param.functional).
 """
 from __future__ import annotations
 
@@ -45,10 +47,34 @@ def build(kind):
         return (nn.Sequential(nn.Conv3d(2, 2, 2, stride=(1, 2, 1), dilation=(2, 1, 1), padding=(1, 0, 0),
                                         padding_mode="replicate"), nn.Tanh(),
                               nn.Conv3d(2, 2, (2, 1, 2), groups=2)), (2, 3, 3, 3), ["0", "2"])
+    if kind == "convtranspose1d":
+        return (nn.Sequential(nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1), nn.Tanh(),
+                              nn.ConvTranspose1d(4, 2, 2, groups=2, dilation=2)), (2, 3), ["0", "2"])
+    if kind == "convtranspose2d":
+        return (nn.Sequential(nn.ConvTranspose2d(2, 2, 2, stride=(2, 1), padding=(0, 1), dilation=(1, 2)), nn.Tanh(),
+                              nn.ConvTranspose2d(2, 2, 2, stride=2, groups=2, output_padding=1, bias=False)),
+                (2, 2, 2), ["0", "2"])
+    if kind == "convtranspose3d":
+        return (nn.Sequential(nn.ConvTranspose3d(2, 2, 2, stride=(1, 2, 1), padding=(1, 0, 0)), nn.Tanh(),
+                              nn.ConvTranspose3d(2, 2, (2, 1, 1), groups=2)), (2, 2, 2, 2), ["0", "2"])
+    if kind == "attention":  # bare in_proj_weight and out_proj, solved at their F.linear calls
+        return (SelfAttention(), (3, 4), ["att.parametrizations.in_proj_weight.original",
+                                          "att.out_proj.parametrizations.weight.original", "fc"])
     raise ValueError(kind)
 
 
-KINDS = ["linear", "linear-3d", "conv1d", "conv2d", "conv2d-depthwise", "conv3d"]
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.att(x, x, x, need_weights=False)[0]))
+
+
+KINDS = ["linear", "linear-3d", "conv1d", "conv2d", "conv2d-depthwise", "conv3d", "convtranspose1d",
+         "convtranspose2d", "convtranspose3d", "attention"]
 
 
 def setup(kind, cascade, lam, device, nbar=3, n=2, seed=0):
@@ -61,7 +87,7 @@ def setup(kind, cascade, lam, device, nbar=3, n=2, seed=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tp.RankDeficientWarning)
         tp.to_target_space(model, ref, lam=lam, init="random", cascade=cascade)
-    keys = [f"{name}.parametrizations.weight.original" for name in names]
+    keys = [name if ".parametrizations." in name else f"{name}.parametrizations.weight.original" for name in names]
     targets = []
     for k in keys:  # random targets, off the projected point (so the (T − S) terms are active)
         t = dict(model.named_parameters())[k].detach()
