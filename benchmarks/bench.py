@@ -222,6 +222,35 @@ def build_rnn_imdb(dev, g):
                        "fed straight into the RNN); embedding and exit layer stay in weight space")
 
 
+class TokenTransformer(nn.Module):
+    """A 4-layer nn.TransformerEncoder (d = 64, 4 heads, feed-forward 128, post-norm) on token sequences:
+    embedding, positional embedding, mean pooling, linear head."""
+
+    def __init__(self, vocab=1000, length=32, d=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(1, length, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 4, 128, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, idx):
+        return self.head(self.encoder(self.embed(idx) + self.pos).mean(1))
+
+
+def build_transformer(dev, g):
+    ref = torch.randint(1000, (80, 32), generator=g).to(dev)  # n̄ = 80: the head's 65 rows are full rank
+    batches = [(torch.randint(1000, (64, 32), generator=g).to(dev), torch.randint(10, (64,), generator=g).to(dev))
+               for _ in range(4)]
+
+    def convert(model):
+        tp.to_target_space(model, ref, lam=1e-3, lam_mode="relative")
+    return Setup(TokenTransformer().to(dev), convert, batches, reference=lambda m: m(ref),
+                 notes="every linear map converted: the attention projections (nn.MultiheadAttention's "
+                       "in_proj_weight and out_proj, solved at their F.linear calls), linear1/2, the head; "
+                       "init='project', relative λ")
+
+
 # ================================================================================== configurations
 @dataclass
 class Config:
@@ -250,6 +279,7 @@ CONFIGS = [
     Config("resnet18", build_resnet18, 64, "32", 0.1, 6, 100, warmup_cpu=1, goal=4.0),
     Config("rnn-bits", build_rnn_bits, 100, "100", 0.1, 60, 300),
     Config("rnn-imdb", build_rnn_imdb, 40, "40×60", 1e-3, 30, 200, paper="1.27×", goal=1.3),
+    Config("transformer", build_transformer, 64, "80", 1e-3, 40, 300),
 ]
 BY_NAME = {c.name: c for c in CONFIGS}
 

@@ -159,6 +159,11 @@ def _own_saved_tensors() -> contextlib.AbstractContextManager:
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
+class _ReadBeforeRun(Exception):
+    """A converted tensor was read during a reference pass without the functional mode, before its layer ran
+    (see ``Realiser._unsolved``)."""
+
+
 def _global_hooks() -> bool:
     return bool(_module._global_forward_pre_hooks or _module._global_forward_hooks)
 
@@ -370,6 +375,9 @@ class Realiser:
                     out = (self.graph_module or self.root)(*inputs)
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
+            except _ReadBeforeRun:
+                self.uses_mode, self.phase = True, prev  # again, with placeholders for such reads
+                return self.realise()
             except TargetSpaceError:
                 raise
             except Exception as e:
@@ -674,6 +682,11 @@ class Realiser:
         if self.uses is not None and shape is not None:
             like = next(iter(self.targets(first).values()))
             return self.uses.placeholder(layer.module, which, like, shape)
+        if shape is not None and not self.inline:
+            # a read that conversion did not see (e.g. nn.TransformerEncoderLayer's fast-path checks, which run
+            # in eval mode only): the pass is repeated under the functional mode, which tells reads from uses
+            raise _ReadBeforeRun()
+        self.uses_mode = shape is not None  # (a later pass runs under the mode; this forward cannot)
         name = layer.name
         raise FunctionalWeightUseError(
             f"The weight of layer '{name}' was read during the reference pass before the layer ran: "

@@ -514,3 +514,27 @@ def test_timm_transformers_convert_every_linear_map(name, kw):
     F.cross_entropy(model(torch.randn_like(ref)), torch.arange(4)).backward()
     opt.step()
     assert all(not torch.equal(p.detach(), start[n]) for n, p in targets(model).items())
+
+
+def test_weights_read_before_their_layer_runs_in_eval_only():
+    """nn.TransformerEncoderLayer reads linear1/linear2's weights for its fast-path checks in eval mode only,
+    before the layers run. Converted in train mode (no such read seen) with the attention left in weight space,
+    an eval forward repeats its reference pass under the functional mode and gives the weight-space result."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    x = torch.randn(6, 5, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(enc, x, lam=1e-4, lam_mode="relative",
+                           filter_fn=lambda m, n: isinstance(m, nn.Linear) and "self_attn" not in n)
+    assert [layer.name for layer in tp.convert.realisers(enc)[0].layers] == [
+        "layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2"]
+    opt = torch.optim.SGD(enc.parameters(), 0.1)
+    enc(x[:3]).square().sum().backward()
+    opt.step()
+    enc.eval()
+    with torch.no_grad():
+        y = enc(x)
+    plain = tp.to_weight_space(copy.deepcopy(enc)).train()
+    assert torch.allclose(y, plain(x), atol=1e-5)
