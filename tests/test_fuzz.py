@@ -3,8 +3,10 @@ gradient-free / autocast forwards -> revert.
 
 Hypothesis draws a model as an ``nn.Module`` graph: an MLP, a Conv1d/2d/3d net or an ``nn.RNN`` net, of random
 depth and widths; conv kernel/stride/padding (ints or ``"same"`` where legal, every padding_mode where legal)/
-dilation/groups; residual additions (when the block keeps the shape), concatenation joins (dense or two
-branches), BatchNorm, Dropout, a Linear head (sometimes used functionally, ``F.linear(h, head.weight, ...)``),
+dilation/groups; transposed convs (any stride, padding, output_padding, dilation, groups); self-attention
+(``nn.MultiheadAttention``, causal or not, with a residual or not) on token sequences; residual additions (when
+the block keeps the shape), concatenation joins (dense or two branches), BatchNorm, Dropout, a Linear head
+(sometimes used functionally, ``F.linear(h, head.weight, ...)``),
 and occasionally a layer run twice per forward; the everyday in-place habits: activations with
 ``inplace=True`` (ReLU, ReLU6, LeakyReLU, ELU, Hardswish, Hardsigmoid, SiLU, Mish) right after converted layers,
 ``h.relu_()`` / ``h.mul_(c)`` on a layer's output, ResNet-style residual joins ``out += x`` [``out.relu_()``] (kept
@@ -122,6 +124,7 @@ OUT_OF_PLACE = sorted(k for k in ACTS if not k.endswith("_"))
 acts = st.sampled_from(OUT_OF_PLACE * 4 + sorted(k for k in ACTS if k.endswith("_")))
 BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 @dataclasses.dataclass
@@ -191,6 +194,23 @@ def conv_spec(draw, nd, c_in, spatial, preserve, c_out=None):
 
 
 @st.composite
+def conv_transpose_spec(draw, nd, c_in, spatial):
+    """A legal transposed conv on input (c_in, *spatial): any stride, padding, output_padding, dilation, groups."""
+    c_out = draw(st.integers(1, 6))
+    groups = draw(st.sampled_from([g for g in range(1, min(c_in, c_out) + 1) if c_in % g == 0 and c_out % g == 0]))
+    ks, ss, ps, ops, ds, out = [], [], [], [], [], []
+    for L in spatial:
+        k, s, d = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+        op = draw(st.integers(0, max(s, d) - 1))
+        full = (L - 1) * s + d * (k - 1) + op + 1  # the output length at padding 0
+        p = draw(st.integers(0, min(2, (full - 1) // 2)))
+        ks.append(k), ss.append(s), ps.append(p), ops.append(op), ds.append(d), out.append(full - 2 * p)
+    spec = dict(type="convT", nd=nd, c_in=c_in, c_out=c_out, k=tuple(ks), stride=tuple(ss), padding=tuple(ps),
+                output_padding=tuple(ops), dilation=tuple(ds), groups=groups, bias=draw(st.booleans() | st.just(True)))
+    return spec, (c_out, tuple(out))
+
+
+@st.composite
 def unit_spec(draw, family, shape, preserve, width=None):
     """layer -> [BatchNorm] -> activation -> [Dropout]; returns (spec, shape)."""
     if family == "mlp":
@@ -199,7 +219,10 @@ def unit_spec(draw, family, shape, preserve, width=None):
         nd = 0
     else:
         nd = int(family[-2])
-        layer, new = draw(conv_spec(nd, shape[0], shape[1], preserve, c_out=width))
+        if not preserve and width is None and max(shape[1]) <= 6 and draw(st.integers(0, 4)) == 0:
+            layer, new = draw(conv_transpose_spec(nd, shape[0], shape[1]))  # upsampling
+        else:
+            layer, new = draw(conv_spec(nd, shape[0], shape[1], preserve, c_out=width))
     # an in-place tensor method on the layer's output in forward (before any BatchNorm and activation)
     post = draw(st.sampled_from([None] * 6 + ["relu_", "mul_"]))
     c = draw(st.sampled_from([0.5, 2.0, -1.0])) if post == "mul_" else None
@@ -258,6 +281,10 @@ def arch_spec(draw, allow_shared=True):
             width = draw(st.integers(1, 6))
             blocks.append(dict(type="tokens", d_in=f, d_out=width, act=draw(acts)))
             f = width
+        if draw(st.booleans()):  # self-attention: bare in_proj_weight and out_proj, solved at their F.linear calls
+            blocks.append(dict(type="attention", d=f, heads=draw(st.sampled_from([h for h in (1, 2, 3) if f % h == 0])),
+                               bias=draw(st.booleans() | st.just(True)), residual=draw(st.booleans()),
+                               causal=draw(st.booleans())))
         bidir = draw(st.booleans())
         hidden = draw(st.integers(1, 6))
         blocks.append(dict(type="rnn", d_in=f, hidden=hidden, layers=draw(st.integers(1, 2)),
@@ -328,6 +355,12 @@ class Unit(nn.Module):
             l = s["layer"]
             self.layer = nn.Linear(l["d_in"], l["d_out"], bias=l["bias"])
             c = l["d_out"]
+        elif s["layer"]["type"] == "convT":
+            l = s["layer"]
+            self.layer = CONV_T[l["nd"]](l["c_in"], l["c_out"], l["k"], stride=l["stride"], padding=l["padding"],
+                                         output_padding=l["output_padding"], dilation=l["dilation"],
+                                         groups=l["groups"], bias=l["bias"])
+            c = l["c_out"]
         else:
             l = s["layer"]
             self.layer = CONV[l["nd"]](l["c_in"], l["c_out"], l["k"], stride=l["stride"], padding=l["padding"],
@@ -420,7 +453,20 @@ class Tokens(nn.Module):
         return self.act(self.lin(x))
 
 
-BLOCKS = {"unit": Unit, "residual": Residual, "shared": Shared, "concat": Concat, "rnn": Recurrent, "tokens": Tokens}
+class Attention(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.att = nn.MultiheadAttention(s["d"], s["heads"], bias=s["bias"], batch_first=True)
+        self.residual, self.causal = s["residual"], s["causal"]
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype) if self.causal else None
+        a = self.att(x, x, x, need_weights=False, attn_mask=mask)[0]
+        return x + a if self.residual else a
+
+
+BLOCKS = {"unit": Unit, "residual": Residual, "shared": Shared, "concat": Concat, "rnn": Recurrent, "tokens": Tokens,
+          "attention": Attention}
 
 
 class FuzzNet(nn.Module):
@@ -454,7 +500,7 @@ def _dtype(case):
 
 
 def _eligible(model):
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNN))]
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.RNN))]
 
 
 def _filter(case, model):
