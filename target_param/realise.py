@@ -159,6 +159,9 @@ def _own_saved_tensors() -> contextlib.AbstractContextManager:
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
+_NO_MODE = contextlib.nullcontext()
+
+
 class _ReadBeforeRun(Exception):
     """A converted tensor was read during a reference pass without the functional mode, before its layer ran
     (see ``Realiser._unsolved``)."""
@@ -510,7 +513,8 @@ class Realiser:
             solves = self.solves.scoped(lams)
         else:
             solves = self.solves
-        with contextlib.nullcontext() if self.uses is None else torch._C.DisableTorchFunction():  # (no mode)
+        # (the solve's own ops run outside the functional mode)
+        with _NO_MODE if self.uses is None else torch._C.DisableTorchFunction():
             self.pending[i], out = layer.adapter.realise(layer.module, args, self.targets(i), solves, layer.name,
                                                          self.cascade == "optimistic")
         return out
@@ -653,15 +657,18 @@ class Realiser:
         """The realised tensor ``which`` (e.g. "weight") of layer i, as the parametrization returns it; ``i`` is
         a tuple of functional units for a tensor assembled from their row blocks (see functional)."""
         if self.phase == REFERENCE:
-            parts = [self.pending[j] for j in i] if isinstance(i, tuple) else self.pending[i]
-            if parts is None or (isinstance(i, tuple) and any(p is None for p in parts)):
+            if i.__class__ is int:
+                wb = self.pending[i]
+                return self._unsolved(i, which) if wb is None else wb[which]
+            parts = [self.pending[j] for j in i]
+            if any(p is None for p in parts):
                 return self._unsolved(i, which)
-            return torch.cat([p[which] for p in parts]) if isinstance(i, tuple) else parts[which]
+            return torch.cat([p[which] for p in parts])
         if not torch.compiler.is_compiling() and in_backward():  # checkpointing's recomputation: never a
             return self.recompute.tensor(self, i, which)  # realisation there (see recompute)
         if self.phase == IDLE:
             self.ensure_fresh()
-        return self.realised(i, which)
+        return self.cache[i][which] if i.__class__ is int else self.realised(i, which)
 
     def realised(self, i, which: str) -> Tensor:
         """The realised tensor of the last realisation (row blocks assembled once per realisation)."""

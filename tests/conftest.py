@@ -59,6 +59,21 @@ class SmallCNN(nn.Module):
         return self.fc(self.drop(x).flatten(1))
 
 
+def weight_space_maps(model: nn.Module) -> list[str]:
+    """The linear maps left in weight space: Linear/Conv/ConvTranspose modules and nn.MultiheadAttention
+    projections (bare Parameters) that are not parametrized."""
+    import target_param as tp
+
+    left = []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not tp.is_target_space(m):
+            left.append(n)
+        if isinstance(m, nn.MultiheadAttention):
+            attrs = ["in_proj_weight"] if m._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            left += [f"{n}.{a}" for a in attrs if a not in getattr(m, "parametrizations", {})]
+    return left
+
+
 def model_state(model: nn.Module):
     """Everything conversion may touch: classes, parameter identities and values, buffers, hooks."""
     return {

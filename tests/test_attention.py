@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import target_param as tp
-from conftest import assert_same_state, model_state
+from conftest import assert_same_state, model_state, weight_space_maps
 
 DT = torch.float64
 E, H, FF = 8, 2, 12
@@ -53,17 +53,6 @@ def attention(q, k, v, heads, mask=None):
         s = s + mask
     out = torch.softmax(s, -1) @ split(v)
     return out.transpose(0, 1).reshape(L, N, E_)
-
-
-def weight_space_maps(model):
-    left = []
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not tp.is_target_space(m):
-            left.append(n)
-        if isinstance(m, nn.MultiheadAttention):
-            attrs = ["in_proj_weight"] if m._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-            left += [f"{n}.{a}" for a in attrs if a not in getattr(m, "parametrizations", {})]
-    return left
 
 
 def targets(model):

@@ -47,7 +47,7 @@ import target_param as tp
 
 torchvision = pytest.importorskip("torchvision")
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import assert_same_state, model_state  # noqa: E402
+from conftest import assert_same_state, model_state, weight_space_maps  # noqa: E402
 
 N_REF = 8          # reference batch size n̄ (as tests/test_timm.py)
 N_CLASSES = 10
@@ -115,19 +115,6 @@ def _loss(out, y):
 def _targets(model):
     """Every target: ``parametrizations.<tensor>.original`` (and ``original<k>`` of row-block units)."""
     return {n: p for n, p in model.named_parameters() if ".parametrizations." in n and ".original" in n}
-
-
-def weight_space_maps(model):
-    """The linear maps left in weight space: Linear/Conv modules and nn.MultiheadAttention projections that
-    are not parametrized."""
-    left = []
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not tp.is_target_space(m):
-            left.append(n)
-        if isinstance(m, nn.MultiheadAttention):
-            attrs = ["in_proj_weight"] if m._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-            left += [f"{n}.{a}" for a in attrs if a not in getattr(m, "parametrizations", {})]
-    return left
 
 
 def check(name, rec=None):
