@@ -8,7 +8,9 @@ Fairbank, Samothrakis and Citi, "Deep Learning in Target Space", JMLR 23 (2022).
     tp.to_weight_space(model)                       # a plain model again
 
 Modules: ``convert`` (the public verbs), ``realise`` (Algorithm 2, the reference pass), ``solver``
-(eq. 6-7 and 23 by Cholesky), ``layers`` (Linear/Conv adapters), ``recurrent`` (nn.RNN, Algorithm 5), ``plan``
+(eq. 6-7 and 23 by Cholesky), ``layers`` (Linear/Conv/ConvTranspose adapters), ``functional`` (weights used
+through F.linear / F.conv* outside their module, and bare Parameters such as nn.MultiheadAttention's
+projections), ``recurrent`` (nn.RNN, Algorithm 5), ``plan``
 (torch.fx planning and ``explain``), ``parametrization`` (the torch.nn.utils.parametrize hook-up),
 ``recompute`` (weight reads inside a backward: activation checkpointing), ``errors`` (named exceptions).
 """

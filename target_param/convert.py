@@ -404,11 +404,14 @@ def to_target_space(
 ) -> nn.Module:
     r"""Convert ``model`` in place to target space and return it.
 
-    Every selected ``nn.Linear`` / ``nn.Conv{1,2,3}d`` (and ``nn.RNN``, Algorithm 5: see
-    :mod:`target_param.recurrent`) gets a learnable target ``T_j`` shaped like its output
+    Every selected ``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` (and ``nn.RNN``,
+    Algorithm 5: see :mod:`target_param.recurrent`) gets a learnable target ``T_j`` shaped like its output
     on ``ref_batch`` (at ``layer.parametrizations.weight.original``); its weight and bias become
     ``W[0:j] = T_j A[0:j)^‡``, ``A^‡ = Aᵀ(AAᵀ + λI)⁻¹`` (eq. 6-7), with ``A[0:j)`` the layer's input on the
-    reference batch as it arrives in the forward pass (Algorithm 2, SCU). The training loop is unchanged:
+    reference batch as it arrives in the forward pass (Algorithm 2, SCU). A weight the forward uses through
+    ``F.linear`` / ``F.conv*`` outside its module, and a bare Parameter used as the weight of one such call
+    per forward (``nn.MultiheadAttention``'s projections; row blocks of it as separate solves), is solved
+    from the input of that call (see :mod:`target_param.functional`). The training loop is unchanged:
     the optimiser now trains the targets and autograd gives exactly Algorithm 3.
 
     Args:
@@ -421,7 +424,8 @@ def to_target_space(
             rank); ``"random"`` draws a truncated normal with std ``target_std`` and projects once (eq. 13).
         target_std: σ of the random targets (paper: 1 for dense/recurrent nets, 0.1 for CNNs).
         cascade: ``"sequential"`` (SCU, Algorithm 2) or ``"optimistic"`` (OCU, eq. 8).
-        filter_fn: ``filter_fn(module, qualified_name) -> bool`` selects layers; default all eligible.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool`` selects layers; default all eligible. A
+            bare Parameter is offered as ``(owner module, "owner.attribute")``.
         trace: plan with torch.fx (see :mod:`target_param.plan`); ``False`` uses hooks only.
         max_positions: the approximate option of section 4.2 ("only use a subset of patches when forming
             the pseudoinverse"), off (``None``) by default. A conv layer with more than ``max_positions``

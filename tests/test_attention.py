@@ -527,3 +527,43 @@ def test_weights_read_before_their_layer_runs_in_eval_only():
         y = enc(x)
     plain = tp.to_weight_space(copy.deepcopy(enc)).train()
     assert torch.allclose(y, plain(x), atol=1e-5)
+
+
+def test_everyday_habits_on_a_converted_transformer():
+    """Checkpointing, inference_mode, CPU autocast and torch.compile on a converted nn.TransformerEncoder with its
+    attention in target space: each against the plain eager converted model."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    ref = torch.randn(6, 5, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(model, ref, lam=1e-3, lam_mode="relative")
+    x = torch.randn(3, 5, E)
+    twins = [copy.deepcopy(model) for _ in range(3)]
+    model(x).square().sum().backward()
+    checkpoint(twins[0], x, use_reentrant=False).square().sum().backward()
+    for a, b in zip(model.parameters(), twins[0].parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        y = model(x)
+    with torch.inference_mode():
+        assert torch.equal(model(x), y)
+    plain = tp.to_weight_space(copy.deepcopy(model))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yb, want = model(x), plain(x)  # (float32: the final LayerNorm runs in float32 under autocast)
+    assert yb.dtype == want.dtype and torch.allclose(yb, want, atol=1e-2)
+    compiled, eager = torch.compile(twins[1]), twins[2]
+    opts = [torch.optim.SGD(m.parameters(), 0.1) for m in (twins[1], eager)]
+    for _ in range(2):
+        xb = torch.randn(3, 5, E)
+        losses = []
+        for m, opt in zip((compiled, eager), opts):
+            opt.zero_grad()
+            loss = m(xb).square().sum()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert math.isclose(*losses, rel_tol=1e-4)

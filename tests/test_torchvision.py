@@ -202,10 +202,11 @@ def check(name, rec=None):
     return rec
 
 
-# Refused by name (and left untouched): none. The attention families must convert every linear map: torchvision's
-# Swin passes its attention Linears' weights to shifted_window_attention, ViT's nn.MultiheadAttention its bare
-# in_proj_weight and out_proj's weight to F.multi_head_attention_forward (see target_param.functional).
-REFUSED: dict[str, str] = {}
+# The attention families must convert every linear map: torchvision's Swin passes its attention Linears' weights
+# to shifted_window_attention, ViT's nn.MultiheadAttention its bare in_proj_weight and out_proj's weight to
+# F.multi_head_attention_forward (see target_param.functional). Refused by name, and left untouched: Swin V2,
+# whose attention clones the qkv bias and zeroes its key rows in place (TensorBase.zero_) before F.linear.
+REFUSED = {n: "FunctionalWeightUseError" for n in ALL if n.startswith("swin_v2_")}
 ATTENTION_FAMILIES = ("vision_transformer", "swin_transformer", "maxvit")
 
 
