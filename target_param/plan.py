@@ -205,9 +205,11 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         if node.op != "get_attr":
             continue
         owner = node.target.rpartition(".")[0]
-        if not owner:  # a tensor of the model itself: read through the model
-            gm.add_submodule(ROOT, model)
-            node.target = f"{ROOT}.{node.target}"
+        if not owner:  # a tensor of the model itself: read from the model at each call
+            read = RootRead(node.target)
+            read.__dict__["root"] = model  # not a submodule: the model does not nest in its own graph
+            gm.add_submodule(f"target_space_root_{node.target}", read)
+            node.op, node.target = "call_module", f"target_space_root_{node.target}"
             continue
         try:
             gm.add_submodule(owner, model.get_submodule(owner))
@@ -217,7 +219,16 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-ROOT = "target_space_root"  # the model, as a submodule of its reference graph (see _trace)
+class RootRead(nn.Module):
+    """In a reference graph, a ``get_attr`` of one of the model's own tensors, read from the model at each call
+    (a parametrized bare tensor evaluates to its realised value; see ``_trace``)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self):
+        return getattr(self.__dict__["root"], self.name)
 
 
 def _hidden(gm: fx.GraphModule, planned: dict[str, PlannedLayer]) -> None:

@@ -154,6 +154,14 @@ def test_functional_and_bare_uses_solve_eq6_from_the_input_of_the_use(trace):
     assert sorted(model.state_dict()) == sorted([
         "target_space_reference", "conv.parametrizations.weight.original", "parametrizations.kernel.original",
         "fc.parametrizations.weight.original", "parametrizations.w.original"])
+    # a deep copy (EMA, a twin) reads its own bare tensors, in the traced graph too
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 2, 5, 5, dtype=DT)
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(twin(x), y)
+        twin.parametrizations.w.original.mul_(2.0)
+        assert not torch.allclose(twin(x), y) and torch.equal(model(x), y)
 
 
 def test_an_external_bias_is_added_to_the_solved_map():
