@@ -21,13 +21,10 @@ machine and the library version go to ``<out>/<machine-tag>-<date>.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime as _dt
-import gc
 import hashlib
 import inspect
-import itertools
 import json
 import math
 import os
@@ -53,6 +50,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 import target_param as tp  # noqa: E402
+from target_param.benchmark import (flops_of, interleaved_times, peak_memory, quantile, quiet_stderr,  # noqa: E402
+                                    sync_fn)
 
 
 # ================================================================================== models and data
@@ -331,142 +330,15 @@ def prepare(setup: Setup, space: str, mode: str, device):
     return model, step, opt
 
 
-def sync_fn(device):
-    if device.type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
-
-
-def interleaved_times(steps, batches, warmup, pairs, sync, budget_s, min_pairs=5):
-    """Per-step seconds of each model, one step of each per pair, the order cycling through every permutation
-    of the models: no model always runs in the middle. (With W,T,F then F,T,W, T always ran second; a null
-    A/B of one library against itself in that position gave it 2-4% slower on spirals.)"""
-    names = list(steps)
-    orders = list(itertools.permutations(names))
-    for i in range(warmup):
-        for name in names:
-            steps[name](batches[i % len(batches)])
-    sync()
-    times = {name: [] for name in names}
-    gc.collect()
-    gc_was = gc.isenabled()
-    gc.disable()
-    start = time.perf_counter()
-    try:
-        for i in range(pairs):
-            batch = batches[i % len(batches)]
-            for name in orders[i % len(orders)]:
-                sync()
-                t0 = time.perf_counter()
-                steps[name](batch)
-                sync()
-                times[name].append(time.perf_counter() - t0)
-            if budget_s and time.perf_counter() - start > budget_s and i + 1 >= min_pairs:
-                break
-    finally:
-        if gc_was:
-            gc.enable()
-    return times
-
-
 # ================================================================================== memory
-def _persistent_bytes(model, opt) -> int:
-    seen, total = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
-    if opt is not None:
-        tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-    for t in tensors:
-        try:
-            key = t.untyped_storage().data_ptr()
-            size = t.untyped_storage().nbytes()
-        except Exception:
-            key, size = id(t), t.numel() * t.element_size()
-        if key not in seen:
-            seen.add(key)
-            total += size
-    return total
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The profiler's C++ side prints start/stop lines on fd 2; keep them out of the table."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-MARK = "bench_measured_step"
-
-
 def measure_peak(setup: Setup, space: str, mode: str, device) -> dict:
-    """Peak memory of one model in isolation, from its creation to the end of a measured step.
-
-    The model is deep-copied (and converted), warmed up with 1 step (so Adam's state and anything the
-    library keeps between steps exist), then one more step is measured. The number is the peak, during
-    that step, of everything allocated since just before the copy: parameters/targets, buffers (the
-    reference batch), Adam state, whatever the library caches between steps, and the step's activations,
-    saved tensors, gradients and temporaries. The minibatch itself (allocated before) is not counted.
-
-    CUDA: torch.cuda.memory_allocated before the copy, torch.cuda.max_memory_allocated (reset just before
-    the measured step). CPU: torch.profiler(profile_memory=True) records every allocation and free of the
-    CPU allocator from before the copy; the running sum of their sizes is the net allocation, and its
-    maximum over the measured step is the peak.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        model, step, opt = prepare(setup, space, mode, device)
-        step(setup.batches[1 % len(setup.batches)])
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step(setup.batches[0])
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        method = "cuda.max_memory_allocated"
-    else:
-        from torch.profiler import ProfilerActivity, profile, record_function
-        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model, step, opt = prepare(setup, space, mode, device)
-            step(setup.batches[1 % len(setup.batches)])
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            with record_function(MARK):
-                step(setup.batches[0])
-        events = prof.profiler.kineto_results.events()
-        marks = [e.start_ns() for e in events if e.name() == MARK]
-        mark = marks[0] if marks else None
-        cur, peak = 0, 0
-        for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-            cur += e.nbytes()
-            if mark is None or e.start_ns() >= mark:
-                peak = max(peak, cur)
-        method = "torch.profiler(profile_memory) net CPU allocation"
-    persistent = _persistent_bytes(model, opt)
-    del model, step, opt
-    gc.collect()
-    return {"peak_bytes": int(peak), "persistent_bytes": int(persistent), "method": method}
+    """Peak memory of one model in isolation, from its creation to the end of a measured step
+    (``target_param.benchmark.peak_memory``: the model is deep-copied and converted, warmed up with one step,
+    then one more step is measured)."""
+    return peak_memory(lambda: prepare(setup, space, mode, device), setup.batches, device)
 
 
 # ================================================================================== one configuration
-def quantile(xs, q):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def run_config(cfg: Config, args, device) -> dict:
     row = {"config": cfg.name, "mode": cfg.mode, "n": cfg.n, "nbar": cfg.nbar, "lam": cfg.lam,
            "paper": cfg.paper, "goal_ratio": cfg.goal, "goal_mem_ratio": cfg.mem_goal}
@@ -560,22 +432,14 @@ def repeat_in_fresh_processes(row: dict, args) -> None:
 
 
 def count_flops(setup: Setup, mode: str, device) -> dict:
-    """Floating-point operations of one step of each model (``torch.utils.flop_counter``: matrix products
-    and convolutions, forward and backward; elementwise work, pooling, LAPACK and Adam are not counted),
-    after one warm step, and the target step's count per operator. Machine-independent: the arithmetic
-    ratio T/W bounds the time ratio from below when every kernel runs at the same speed in both spaces."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Floating-point operations of one step of each model (``target_param.benchmark.flops_of``), and the
+    target step's count per operator. Machine-independent: the arithmetic ratio T/W bounds the time ratio from
+    below when every kernel runs at the same speed in both spaces."""
     out = {}
     for space in ("weight", "target") + (("floor",) if mode == "train" and setup.reference is not None else ()):
-        _, step, _ = prepare(setup, space, mode, device)
-        step(setup.batches[1 % len(setup.batches)])
-        counter = FlopCounterMode(display=False)
-        with counter:
-            step(setup.batches[0])
-        out[space] = counter.get_total_flops()
+        out[space], by_op = flops_of(lambda: prepare(setup, space, mode, device), setup.batches)
         if space == "target":
-            out["target_by_op"] = {str(k).removeprefix("aten."): v
-                                   for k, v in counter.get_flop_counts().get("Global", {}).items()}
+            out["target_by_op"] = by_op
     return out
 
 
@@ -585,7 +449,7 @@ def profile_target_step(setup: Setup, mode: str, device, rows: int) -> str:
     model, step, _ = prepare(setup, "target", mode, device)
     step(setup.batches[1 % len(setup.batches)])
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with _quiet_stderr(), profile(activities=acts) as prof:
+    with quiet_stderr(), profile(activities=acts) as prof:
         step(setup.batches[0])
         sync_fn(device)()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -12,11 +12,22 @@ Modules: ``convert`` (the public verbs), ``realise`` (Algorithm 2, the reference
 through F.linear / F.conv* outside their module, and bare Parameters such as nn.MultiheadAttention's
 projections), ``recurrent`` (nn.RNN, Algorithm 5), ``plan``
 (torch.fx planning and ``explain``), ``parametrization`` (the torch.nn.utils.parametrize hook-up),
-``recompute`` (weight reads inside a backward: activation checkpointing), ``errors`` (named exceptions).
+``recompute`` (weight reads inside a backward: activation checkpointing), ``benchmark`` (``tp.benchmark`` and
+``python -m target_param.benchmark``: the cost ratio for any model), ``errors`` (named exceptions).
 """
 from .convert import explain, is_target_space, realisations, to_target_space, to_weight_space
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors
 
-__all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", *_errors]
+__all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", "benchmark", *_errors]
+
+
+def __getattr__(name):
+    # tp.benchmark, imported on first use: `python -m target_param.benchmark` then runs the module once
+    if name == "benchmark":
+        from .benchmark import benchmark
+
+        globals()["benchmark"] = benchmark
+        return benchmark
+    raise AttributeError(f"module 'target_param' has no attribute '{name}'")
 __version__ = "0.1.0"

@@ -44,12 +44,41 @@ REFERENCE_BUFFER = "target_space_reference"
 
 # ------------------------------------------------------------------------------------------ queries
 def realisers(model: nn.Module) -> list[Realiser]:
-    """The realisation engines of every converted (sub)module of ``model``."""
+    """The realisation engines (:class:`~target_param.realise.Realiser`) of every converted (sub)module of
+    ``model``.
+
+    Args:
+        model: any module.
+
+    Returns:
+        One engine per converted root, in module order (empty for a plain model).
+
+    Example:
+        >>> import torch, target_param as tp
+        >>> net = tp.to_target_space(torch.nn.Linear(3, 2), torch.randn(8, 3))
+        >>> [layer.name for layer in tp.convert.realisers(net)[0].layers]
+        ['Linear']
+    """
     return [m.__dict__[REALISER_ATTR] for m in model.modules() if REALISER_ATTR in m.__dict__]
 
 
 def is_target_space(model: nn.Module) -> bool:
-    """True when ``model`` or any of its submodules has been converted by :func:`to_target_space`."""
+    """Whether ``model`` or any of its submodules has been converted by :func:`to_target_space`.
+
+    Args:
+        model: any module.
+
+    Returns:
+        True when a target-space parametrization or realisation engine is found.
+
+    Example:
+        >>> import torch, target_param as tp
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> tp.is_target_space(tp.to_target_space(net, torch.randn(8, 3)))
+        True
+        >>> tp.is_target_space(tp.to_weight_space(net))
+        False
+    """
     return any(
         isinstance(p, TargetParametrization)
         for m in model.modules()
@@ -60,7 +89,22 @@ def is_target_space(model: nn.Module) -> bool:
 
 
 def realisations(model: nn.Module) -> int:
-    """How many reference passes (Algorithm 2) have run on ``model`` since conversion."""
+    """How many reference passes (Algorithm 2) have run on ``model`` since conversion.
+
+    Args:
+        model: a converted module (0 for a plain one).
+
+    Returns:
+        The count, over every converted root in ``model``.
+
+    Example:
+        >>> import torch, target_param as tp
+        >>> net = tp.to_target_space(torch.nn.Linear(3, 2), torch.randn(8, 3))
+        >>> n = tp.realisations(net)
+        >>> net(torch.randn(4, 3)).sum().backward()  # a grad-enabled forward realises once
+        >>> tp.realisations(net) - n
+        1
+    """
     return sum(r.realisations for r in realisers(model))
 
 
@@ -385,6 +429,21 @@ def explain(
     ``A_j A_jᵀ`` over its input rows (``λ/diag``: the largest over an nn.RNN's solves; ``!`` above
     ``LAMBDA_SCALE_THRESHOLD`` = 0.1, where ``to_target_space`` warns), the target's shape and size and an
     estimated cost per step; then target against weight parameter totals. Use it to choose n̄ and λ.
+
+    Args:
+        model, ref_batch, and the keyword arguments: as for :func:`to_target_space`.
+
+    Returns:
+        A :class:`~target_param.plan.Plan`: ``plan.layers`` in execution order; ``print(plan)`` shows the table.
+
+    Example:
+        >>> import torch, target_param as tp
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> plan = tp.explain(net, torch.randn(8, 3))
+        >>> [(pl.name, pl.stats()["rows"], pl.stats()["cols"]) for pl in plan.layers]
+        [('0', 4, 8), ('2', 5, 8)]
+        >>> tp.is_target_space(net)
+        False
     """
     return _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions, lam_mode)[1]
 
@@ -457,6 +516,18 @@ def to_target_space(
 
     Returns:
         ``model``.
+
+    Example:
+        >>> import torch, target_param as tp
+        >>> torch.manual_seed(0) and None
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+        >>> x = torch.randn(64, 3, dtype=torch.float64)
+        >>> before = net(x)
+        >>> _ = tp.to_target_space(net, x, lam=1e-10)   # init="project": T_j = S_j
+        >>> sorted(k for k in net.state_dict() if k.endswith("original"))
+        ['0.parametrizations.weight.original', '2.parametrizations.weight.original']
+        >>> torch.allclose(net(x), before, atol=1e-8)   # the same function on the reference batch
+        True
     """
     inputs, plan = _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions,
                          lam_mode)
@@ -524,7 +595,23 @@ def to_weight_space(model: nn.Module) -> nn.Module:
 
     Afterwards each layer is of its original class with plain ``weight``/``bias`` parameters, the
     ``state_dict`` keys are those from before conversion and no hook or buffer is left behind.
-    Returns ``model``.
+
+    Args:
+        model: a model converted by :func:`to_target_space` (or containing converted submodules).
+
+    Returns:
+        ``model``, in place.
+
+    Raises:
+        NotConvertedError: nothing in ``model`` is in target space.
+
+    Example:
+        >>> import torch, target_param as tp
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> keys = list(net.state_dict())
+        >>> _ = tp.to_target_space(net, torch.randn(8, 3))
+        >>> list(tp.to_weight_space(net).state_dict()) == keys
+        True
     """
     found = realisers(model)
     if not found:
