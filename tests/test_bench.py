@@ -73,3 +73,24 @@ def test_ab_runs_against_a_revision_and_against_itself():
         m = re.search(r"new/base ([0-9.]+) .*T/W new ([0-9.]+)x, base ([0-9.]+)x", proc.stdout)
         assert m and all(float(v) > 0 for v in m.groups()), proc.stdout
         assert f"(base: {base})" in proc.stdout
+
+
+def test_history_csv_keeps_rows_of_removed_runs_and_reads_present_ones(tmp_path):
+    import csv
+    import shutil
+
+    results = ROOT / "benchmarks" / "results"
+    src = results / "cpu-amd-epyc-t1-20261127-202705.json"
+    shutil.copy(src, tmp_path / src.name)
+    shutil.copy(results / "history.csv", tmp_path / "history.csv")
+    run = [sys.executable, str(ROOT / "benchmarks" / "history.py"), "--results", str(tmp_path)]
+    assert subprocess.run(run, capture_output=True, text=True, timeout=120).returncode == 0
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    data = json.loads(src.read_text())
+    mine = {r["config"]: r for r in rows if r["file"] == src.name}
+    for row in data["rows"]:
+        want = row.get("ratio_processes", row["ratio"])
+        assert abs(float(mine[row["config"]]["T/W"]) - want) < 5e-4
+        assert mine[row["config"]]["commit"] == data["machine"]["git_head"]
+    # runs whose JSON is gone stay (the committed CSV holds more files than the folder keeps)
+    assert len({r["file"] for r in rows}) > len(list(results.glob("cpu-*.json")))
