@@ -15,8 +15,9 @@ Targets and state_dict keys. A unit's target is the output of its use on the ref
 external bias, if the use adds one that is not a converted tensor). The first unit of a stored weight
 (in row order) keeps it at ``<owner>.parametrizations.<weight>.original``, the k-th at ``...original<k>``;
 a converted bias is an empty placeholder, as for Linear. For self-attention: ``self_attn.parametrizations.
-in_proj_weight.original`` (n̄·L, 3E); for cross-attention (key is value): ``...original`` (n̄·L, E) on the
-query and ``...original1`` (n̄·S, 2E) on the memory. ``to_weight_space`` restores the original keys.
+in_proj_weight.original`` (L, n̄, 3E), as ``F.multi_head_attention_forward`` lays out its input; for
+cross-attention (key is value): ``...original`` (L, n̄, E) on the query and ``...original1`` (S, n̄, 2E) on the
+memory. ``to_weight_space`` restores the original keys.
 
 The mechanism is a :class:`torch.overrides.TorchFunctionMode`:
 
