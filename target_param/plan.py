@@ -31,7 +31,7 @@ from .solver import uses_dual
 
 __all__ = ["Plan", "PlannedLayer", "make_plan", "display_name", "lam_ratio", "too_large", "LAMBDA_SCALE_THRESHOLD"]
 
-# LambdaScaleWarning above this λ_j / mean diagonal of A_j A_jᵀ (see convert.to_target_space, README)
+# LambdaScaleWarning above this λ_j / mean diagonal of A_j A_jᵀ (see convert.to_target_space, docs/method.md)
 LAMBDA_SCALE_THRESHOLD = 0.1
 
 

@@ -6,7 +6,7 @@ For each model:
    min-norm ones, W' = W·P with P the projection onto the span of the layer's reference inputs. On *fresh*
    inputs a layer whose reference inputs do not span its input space (a classifier or squeeze-excite conv
    after global pooling has n̄ columns for d_in + 1 rows; channels that are zero on the reference batch)
-   loses the part of W outside that span, so fresh outputs change; the README lists the measured figures.
+   loses the part of W outside that span, so fresh outputs change; docs/models.md lists the measured figures.
 2. Three Adam steps on the targets lower the loss on a fixed batch.
 3. A state_dict loads into a freshly converted copy and gives identical outputs.
 4. ``to_weight_space`` restores the classes and the state_dict keys.
