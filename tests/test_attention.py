@@ -513,18 +513,24 @@ def test_timm_transformers_convert_every_linear_map(name, kw):
     assert all(not torch.equal(p.detach(), start[n]) for n, p in targets(model).items())
 
 
+def converted_encoder(**options):
+    """A 2-layer nn.TransformerEncoder (no dropout, batch_first) converted on a (6, 5, E) reference batch with
+    relative λ; the model and its reference batch."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True), 2,
+                                enable_nested_tensor=False)
+    ref = torch.randn(6, 5, E)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(enc, ref, lam_mode="relative", **options)
+    return enc, ref
+
+
 def test_weights_read_before_their_layer_runs_in_eval_only():
     """nn.TransformerEncoderLayer reads linear1/linear2's weights for its fast-path checks in eval mode only,
     before the layers run. Converted in train mode (no such read seen) with the attention left in weight space,
     an eval forward repeats its reference pass under the functional mode and gives the weight-space result."""
-    torch.manual_seed(0)
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True), 2,
-                                enable_nested_tensor=False)
-    x = torch.randn(6, 5, E)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
-        tp.to_target_space(enc, x, lam=1e-4, lam_mode="relative",
-                           filter_fn=lambda m, n: isinstance(m, nn.Linear) and "self_attn" not in n)
+    enc, x = converted_encoder(lam=1e-4, filter_fn=lambda m, n: isinstance(m, nn.Linear) and "self_attn" not in n)
     assert [layer.name for layer in tp.convert.realisers(enc)[0].layers] == [
         "layers.0.linear1", "layers.0.linear2", "layers.1.linear1", "layers.1.linear2"]
     opt = torch.optim.SGD(enc.parameters(), 0.1)
@@ -542,13 +548,7 @@ def test_everyday_habits_on_a_converted_transformer():
     attention in target space: each against the plain eager converted model."""
     from torch.utils.checkpoint import checkpoint
 
-    torch.manual_seed(0)
-    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True), 2,
-                                  enable_nested_tensor=False)
-    ref = torch.randn(6, 5, E)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
-        tp.to_target_space(model, ref, lam=1e-3, lam_mode="relative")
+    model, _ = converted_encoder(lam=1e-3)
     x = torch.randn(3, 5, E)
     twins = [copy.deepcopy(model) for _ in range(3)]
     model(x).square().sum().backward()
