@@ -29,11 +29,15 @@ JMLR 23 (2022), section 5.3, Fig. 8 (memorise) and Fig. 9 (add).
 For every task it writes ``bitstream_<task>.json`` (the configuration and, per N, method and seed: success,
 iterations to success, final and best test accuracy, wall time) and ``bitstream_<task>.png`` (success ratio
 and mean iterations to success against N per method, like Fig. 8 and 9) to ``--out``. The JSON is rewritten
-after every run, so an interrupted sweep keeps what it finished.
+after every run, so an interrupted sweep keeps what it finished; ``--resume`` continues it, running only the
+missing (N, method, seed) points, and ``--stop-after-fail`` skips a method beyond the first N at which it
+failed on every seed.
 
     python examples/bitstream.py                         # the paper's settings (very long on a CPU)
     python examples/bitstream.py --task add --N 2,4,8 --iters 5000 --seeds 3
     python examples/bitstream.py --quick                 # a smoke test (N = 2, 3; 100 iterations)
+    python examples/bitstream.py --task memorise --N 8,16,24,32,40,48,56,64 --iters 10000 --seeds 3 \
+        --resume --stop-after-fail --out docs/bitstream/long   # resumable: rerun the same line to continue
 """
 from __future__ import annotations
 
@@ -291,6 +295,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot-only", action="store_true",
                    help="redraw bitstream_<task>.png from the bitstream_<task>.json already in --out, no training")
     p.add_argument("--quick", action="store_true", help="N = 2, 3; 100 iterations; 1 seed; small data: a smoke test")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out's JSON (same settings) and run only the missing ones")
+    p.add_argument("--stop-after-fail", action="store_true",
+                   help="skip a method at every N above the first N at which it failed on every seed")
     args = p.parse_args(argv)
     if args.quick:
         args.N, args.seeds, args.iters, args.eval_every = "2,3", 1, min(args.iters, 100), min(args.eval_every, 50)
@@ -306,6 +314,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need --iters ≥ 0, --eval-every ≥ 1, --threads ≥ 1, --seeds ≥ 1, N ≥ 1, "
                 "--n-ref and --batch ≤ --n-train")
     return args
+
+
+# settings a resumed sweep must share with the JSON it continues
+RESUME_KEYS = ("task", "iters", "eval_every", "n_train", "n_test", "n_ref", "batch", "extra_length", "spare_memorise",
+               "spare_add", "lr", "lam", "target_std", "no_early_stop", "quick")
+
+
+def resumed(js: Path, config: dict) -> list[dict]:
+    """The runs of an earlier sweep in ``js`` (each finished run is written at once), if its settings match."""
+    if not js.is_file():
+        return []
+    old = json.loads(js.read_text())
+    differ = {k: (old["config"].get(k), config.get(k)) for k in RESUME_KEYS
+              if k != "task" and old["config"].get(k) != config.get(k)}
+    if differ:
+        raise SystemExit(f"--resume: {js} was run with other settings (old, new): {differ}; "
+                         "use another --out or the same settings")
+    return old["runs"]
+
+
+def failed_everywhere_below(runs: list[dict], method: str, n: int, seeds: int) -> bool:
+    """Whether ``method`` failed on all ``seeds`` seeds at some N below ``n`` (the sweep then stops it)."""
+    by_n: dict = {}
+    for r in runs:
+        if r["method"] == method and r["N"] < n:
+            by_n.setdefault(r["N"], []).append(r["success"])
+    return any(len(v) >= seeds and not any(v) for v in by_n.values())
 
 
 def main(argv=None) -> dict:
@@ -327,10 +362,17 @@ def main(argv=None) -> dict:
         return results
     for task in args.tasks:
         jobs = [(n, m, s) for n in args.delays for m in args.method_list for s in args.seed_list]
-        runs, t0 = [], time.perf_counter()
         js, png = args.out / f"bitstream_{task}.json", args.out / f"bitstream_{task}.png"
+        runs, t0 = (resumed(js, config) if args.resume else []), time.perf_counter()
+        done = {(r["N"], r["method"], r["seed"]) for r in runs}
         bar = tqdm(jobs, desc=task, unit="run", dynamic_ncols=True, file=sys.stdout)
+        table = summarise(runs, task, args.delays, args.method_list)
+        summary = None
         for n, m, s in bar:
+            if (n, m, s) in done:
+                continue
+            if args.stop_after_fail and failed_everywhere_below(runs, m, n, len(args.seed_list)):
+                continue
             bar.set_postfix(N=n, method=m, seed=s)
             r = run_one(task, n, m, s, args)
             runs.append(r)
@@ -344,11 +386,14 @@ def main(argv=None) -> dict:
                          + ("Fig. 8" if task == "memorise" else "Fig. 9"),
                 "task": task, "config": config, "budget_iters": args.iters,
                 "success_accuracy": SUCCESS_ACCURACY, "complete": len(runs) == len(jobs),
-                "wall_seconds": time.perf_counter() - t0, "summary": table, "runs": runs,
+                "wall_seconds": time.perf_counter() - t0 + sum(r.get("wall_seconds", 0) for r in runs[:len(done)]),
+                "summary": table, "runs": runs,
                 "torch": torch.__version__,
             }
             js.write_text(json.dumps(summary, indent=1))
         bar.close()
+        if summary is None:  # everything was resumed or skipped
+            summary = json.loads(js.read_text()) if js.is_file() else {"summary": table, "wall_seconds": 0.0}
         plot(table, task, args, png)
         results[task] = summary
         print(f"\n{task}: success ratio / mean iterations to success (budget {args.iters:,})")
@@ -356,7 +401,10 @@ def main(argv=None) -> dict:
         for n in args.delays:
             cells = []
             for m in args.method_list:
-                c = table[m][str(n)]
+                c = table.get(m, {}).get(str(n))
+                if c is None:  # skipped (--stop-after-fail) or not run
+                    cells.append("skipped")
+                    continue
                 it = "-" if c["mean_iters_to_success"] is None else f"{c['mean_iters_to_success']:.0f}"
                 cells.append(f"{c['successes']}/{c['trials']} {it:>8}")
             print(f"{n:>4}" + "".join(f"{c:>22}" for c in cells))

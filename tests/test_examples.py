@@ -189,3 +189,29 @@ def test_cnn_quick_max_positions(tmp_path):
     for run in summary["runs"]:
         assert run["parameters"] < 100 * 16 * 28 * 28  # the first conv alone has n̄·C·H·W exact targets
         assert all(math.isfinite(v) for v in run["curve"]["test_loss"])
+
+
+def test_bitstream_sweep_resumes_and_stops_a_method_after_it_fails_everywhere(tmp_path):
+    """A sweep cut short continues where it stopped: --resume keeps the finished runs (same settings) and runs
+    only the missing points; --stop-after-fail skips a method at every N above one where all its seeds failed;
+    other settings are refused."""
+    base = [sys.executable, str(EXAMPLES / "bitstream.py"), "--task", "memorise", "--out", str(tmp_path),
+            "--methods", "weight,target_scu", "--iters", "5", "--eval-every", "5", "--seeds", "1",
+            "--n-train", "200", "--n-test", "50"]
+
+    def run(*extra):
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300)
+        return proc, (json.loads((tmp_path / "bitstream_memorise.json").read_text())
+                      if (tmp_path / "bitstream_memorise.json").is_file() else None)
+    proc, first = run("--N", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {(r["N"], r["method"]) for r in first["runs"]} == {(2, "weight"), (2, "target_scu")}
+    assert not any(r["success"] for r in first["runs"])  # 5 iterations: every run fails
+    proc, second = run("--N", "2,3,4", "--resume", "--stop-after-fail")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert second["runs"][:2] == first["runs"]  # kept, not rerun
+    assert {(r["N"], r["method"]) for r in second["runs"]} == {(2, "weight"), (2, "target_scu")}  # N = 3, 4 skipped
+    proc, third = run("--N", "2,3", "--resume")
+    assert proc.returncode == 0 and {r["N"] for r in third["runs"]} == {2, 3}
+    proc, _ = run("--N", "2,3", "--resume", "--lam", "0.5")
+    assert proc.returncode != 0 and "other settings" in proc.stderr
