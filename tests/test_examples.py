@@ -215,3 +215,17 @@ def test_bitstream_sweep_resumes_and_stops_a_method_after_it_fails_everywhere(tm
     assert proc.returncode == 0 and {r["N"] for r in third["runs"]} == {2, 3}
     proc, _ = run("--N", "2,3", "--resume", "--lam", "0.5")
     assert proc.returncode != 0 and "other settings" in proc.stderr
+
+
+def test_depth_quick_runs_and_resumes(tmp_path):
+    cmd = [sys.executable, str(EXAMPLES / "depth.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = json.loads((tmp_path / "depth.json").read_text())
+    methods = {"target", "weight_glorot", "weight_default", "weight_layernorm"}
+    assert {(r["depth"], r["method"], r["lr"]) for r in state["runs"]} == {
+        (d, m, lr) for d in (2, 3) for m in methods for lr in (1e-3, 1e-2)}
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in state["runs"])
+    assert (tmp_path / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # nothing left to run
+    assert again.returncode == 0 and json.loads((tmp_path / "depth.json").read_text())["runs"] == state["runs"]
