@@ -70,10 +70,12 @@ def build(method: str, depth: int, ref, args) -> nn.Module:
         for layer in model.layers:
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+    model.conversion_warnings = []
     if method == "target":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             tp.to_target_space(model, ref, lam=args.lam, init="random", target_std=1.0)
+        model.conversion_warnings = sorted({w.category.__name__ for w in caught})
     return model
 
 
@@ -113,7 +115,8 @@ def run_one(data, depth: int, method: str, lr: float, seed: int, args) -> dict:
     except tp.TargetSpaceError:
         test, diverged = 0.1, True
     return {"depth": depth, "method": method, "lr": lr, "seed": seed, "test_acc": test, "diverged": diverged,
-            "loss_every_50": losses, "seconds": round(seconds, 2), "steps": args.steps}
+            "loss_every_50": losses, "seconds": round(seconds, 2), "steps": args.steps,
+            "conversion_warnings": model.conversion_warnings}
 
 
 def best_by_lr(runs: list[dict], depth: int, method: str) -> tuple[float, list[float]] | None:
