@@ -12,14 +12,17 @@ Modules: ``convert`` (the public verbs), ``realise`` (Algorithm 2, the reference
 through F.linear / F.conv* outside their module, and bare Parameters such as nn.MultiheadAttention's
 projections), ``recurrent`` (nn.RNN, Algorithm 5), ``plan``
 (torch.fx planning and ``explain``), ``parametrization`` (the torch.nn.utils.parametrize hook-up),
-``recompute`` (weight reads inside a backward: activation checkpointing), ``benchmark`` (``tp.benchmark`` and
+``recompute`` (weight reads inside a backward: activation checkpointing), ``distributed`` (the reference batch
+sharded across the ranks of a process group: ``to_target_space(..., process_group=)``), ``benchmark`` (``tp.benchmark`` and
 ``python -m target_param.benchmark``: the cost ratio for any model), ``errors`` (named exceptions).
 """
 from .convert import explain, is_target_space, realisations, to_target_space, to_weight_space
+from .distributed import gather_state_dict
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors
 
-__all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", "benchmark", *_errors]
+__all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", "gather_state_dict",
+           "benchmark", *_errors]
 
 
 def __getattr__(name):

@@ -24,11 +24,14 @@ from .errors import (
     NotConvertedError,
     RankDeficientWarning,
     ReferenceBatchError,
+    ShardError,
     UnsupportedLayerError,
 )
+from .distributed import ANCHOR, Shards, anchor_for
 from .functional import FunctionalAdapter, bare_candidates, owners, register_units
 from .layers import ConvAdapter, adapter_for, is_candidate
-from .solver import solve_dtype, uses_dual
+from .recurrent import RNNAdapter
+from .solver import solve_dtype
 from .parametrization import TargetParametrization, install
 from .plan import LAMBDA_SCALE_THRESHOLD, Plan, PlannedLayer, lam_ratio, make_plan, too_large
 from .realise import REALISER_ATTR, ConvertedLayer, Realiser, reused_error
@@ -283,6 +286,12 @@ def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions:
                                                                             device=t.device))
 
 
+def _target_names(root: nn.Module, realiser: Realiser) -> list[str]:
+    """The qualified names in ``root`` of every target Parameter of ``realiser``."""
+    ids = {id(t) for i in range(len(realiser.layers)) for t in realiser.targets(i).values()}
+    return [n for n, p in root.named_parameters(remove_duplicate=False) if id(p) in ids]
+
+
 def _remove_hooks(module: nn.Module, owner) -> None:
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for k in [k for k, h in hooks.items() if getattr(h, "__self__", None) is owner]:
@@ -315,13 +324,13 @@ def _precision_floors(pl: PlannedLayer) -> dict[str, float]:
     if not pl.bias:
         return {}
     eps = torch.finfo(solve_dtype(next(iter(pl.sums.values())).dtype)).eps
-    problems = pl.adapter.problems(pl.sums)
+    problems = pl.problems()
     names = pl.adapter.targets
     out = {}
     for name, (rows, cols, _, _) in zip(names, problems):
         if pl.max_positions is not None and isinstance(pl.adapter, ConvAdapter):
             cols = min(cols, pl.max_positions)
-        if uses_dual(rows, cols):
+        if pl.dual(rows, cols):
             out[name] = cols * eps
     return out
 
@@ -355,9 +364,60 @@ def _warn_lambda_scale(ran: list[PlannedLayer], lam_mode: str) -> None:
 
 
 def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions=None,
-          lam_mode="absolute") -> tuple[tuple, Plan]:
-    """Every check, and the plan; nothing is changed."""
+          lam_mode="absolute", shards: Shards | None = None) -> tuple[tuple, Plan]:
+    """Every check, and the plan; nothing is changed. Sharded, every rank gets the same errors, and the plan's
+    statistics are over the whole reference batch (``distributed.Shards``)."""
     _check_options(lam, init, cascade, target_std, max_positions, lam_mode)
+    if shards is None:
+        inputs, plan = _plan_here(model, ref_batch, filter_fn, trace)
+    else:
+        if max_positions is not None:
+            raise ShardError(
+                "max_positions (section 4.2) is not supported with process_group: each rank would solve on its "
+                "own random subset of patch columns, not on one subset of the whole reference batch.",
+                "Use max_positions=None, or convert without process_group.",
+                max_positions=max_positions)
+        shards.check(model, _as_inputs(ref_batch), dict(lam=float(lam), init=init, target_std=float(target_std),
+                                                          cascade=cascade, lam_mode=lam_mode, trace=trace))
+        try:
+            inputs, plan = _plan_here(model, ref_batch, filter_fn, trace)
+            _shardable(plan)
+        except BaseException as e:
+            shards.agree(e, "")
+            raise
+        shards.agree(None, ",".join(pl.name for pl in plan.layers))
+        shards.share(plan, next(x for x in inputs if isinstance(x, Tensor)).shape[0])
+        if lam == 0:
+            short = [pl.name for pl in plan.layers if not pl.stats()["full_rank"]]
+            if short:
+                raise ShardError(
+                    "lam=0 with a sharded reference batch needs every layer's Gram to have full rank: sharded "
+                    "solves take the primal form (eq. 7), whose d × d Gram is singular with fewer columns "
+                    "than rows.",
+                    "Use lam > 0 (the paper: 1e-3 or 0.1), or a larger reference batch.",
+                    layers=short)
+    for pl in plan.layers:
+        pl.max_positions = max_positions
+        pl.lams = _layer_lams(pl, lam, lam_mode)
+    plan.options = dict(lam=lam, init=init, target_std=target_std, cascade=cascade, max_positions=max_positions,
+                        lam_mode=lam_mode)
+    return inputs, plan
+
+
+def _shardable(plan: Plan) -> None:
+    """Refuse, by name, the layers a sharded conversion cannot solve from shards."""
+    rnn = [pl.name for pl in plan.layers if isinstance(pl.adapter, RNNAdapter)]
+    if rnn:
+        raise ShardError(
+            "nn.RNN layers are not supported with process_group: Algorithm 5 solves each time step's weights "
+            "from the whole sequence batch, and its sharded sums are not implemented.",
+            "Exclude them with filter_fn (they then stay in weight space, replicated), or convert without "
+            "process_group.",
+            layers=rnn)
+
+
+def _plan_here(model, ref_batch, filter_fn, trace) -> tuple[tuple, Plan]:
+    """The checks and the planning pass on this process's reference batch."""
     if is_target_space(model):
         raise AlreadyConvertedError(
             "The model is already in target space (it or one of its submodules was converted).",
@@ -400,12 +460,7 @@ def _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, ma
             "Check that model(*ref_batch) reaches the Linear/Conv layers.",
             selected=[pl.name for pl in plan.layers],
         )
-    for pl in ran:
-        pl.max_positions = max_positions
-        pl.lams = _layer_lams(pl, lam, lam_mode)
     plan.layers = ran
-    plan.options = dict(lam=lam, init=init, target_std=target_std, cascade=cascade, max_positions=max_positions,
-                        lam_mode=lam_mode)
     return inputs, plan
 
 
@@ -460,6 +515,7 @@ def to_target_space(
     trace: bool = True,
     max_positions: int | None = None,
     lam_mode: str = "absolute",
+    process_group=None,
 ) -> nn.Module:
     r"""Convert ``model`` in place to target space and return it.
 
@@ -505,6 +561,22 @@ def to_target_space(
             ``parametrizations.<target>.0.lam`` (``weight``; ``weight_ih_l{k}[_reverse]`` for nn.RNN) in
             the state_dict, so a checkpoint restores it and loading another value takes effect.
 
+        process_group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): ``ref_batch`` is then
+            this rank's shard of the reference batch (the shards concatenate along dim 0 in rank order and may
+            be uneven), and this rank's targets are the rows of its shard. Every solve sums its Gram and
+            right-hand side over the group, so every rank realises the weights of one process holding the
+            whole reference batch, and each rank's targets get the gradient of the mean loss over the ranks
+            (see :mod:`target_param.distributed`). Conversion and every forward are then collective (call
+            them on every rank); DistributedDataParallel leaves the targets and the reference shard alone
+            (they are listed in the root's ``_ddp_params_and_buffers_to_ignore``). ``None``: the whole
+            reference batch on this process (under DDP, replicated on every rank).
+
+    Raises:
+        ShardError: with ``process_group``, on every rank alike, before anything changes: ranks that disagree
+            (options, weights, the shape of their shards), an empty shard, a rank that does not join within
+            ``distributed.CHECK_TIMEOUT``, ``max_positions``, an ``nn.RNN`` layer, or ``lam=0`` with a
+            layer of fewer columns than rows.
+
     Warns:
         LambdaScaleWarning: naming every layer whose λ_j exceeds ``LAMBDA_SCALE_THRESHOLD`` = 0.1 of the
             mean diagonal of its Gram over the input rows (with λ_j, the mean diagonal and their ratio). The
@@ -529,8 +601,9 @@ def to_target_space(
         >>> torch.allclose(net(x), before, atol=1e-8)   # the same function on the reference batch
         True
     """
+    shards = Shards(process_group) if process_group is not None else None
     inputs, plan = _plan(model, ref_batch, lam, init, target_std, cascade, filter_fn, trace, max_positions,
-                         lam_mode)
+                         lam_mode, shards)
     ran = [pl for pl in plan.layers if pl.calls]
     _warn_lambda_scale(ran, lam_mode)
     for pl in ran:
@@ -553,7 +626,7 @@ def to_target_space(
             if n is not None and hasattr(model, n):
                 raise AlreadyConvertedError(f"The model already has an attribute '{n}'.", None, attribute=n)
         realiser = Realiser(model, layers, lam, cascade, [(n, None if n else x) for n, x in zip(names, inputs)],
-                            plan.graph_module, lam_mode, plan.uses_mode)
+                            plan.graph_module, lam_mode, plan.uses_mode, shards)
         for n, x in zip(names, inputs):
             if n is not None:
                 model.register_buffer(n, x.detach().clone())
@@ -576,6 +649,12 @@ def to_target_space(
                 _register(realiser, k, {n: adapter.target_layout(t) for n, t in targets.items()}, positions, lams)
         register_units(realiser, unit_targets, unit_lams, lambda t: solve_dtype(t.dtype))
         model.__dict__[REALISER_ATTR] = realiser
+        if shards is not None:  # sharded, not replicated: DistributedDataParallel must leave them alone
+            ignored = _target_names(model, realiser) + [n for n in names if n]
+            model._ddp_params_and_buffers_to_ignore = ignored
+            anchor = anchor_for(model, ignored)
+            if anchor is not None:
+                model.register_parameter(ANCHOR, anchor)
         # before any user hook on the root; with kwargs, so that a call with keyword arguments is seen as such
         model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True, with_kwargs=True)
         model.register_forward_hook(realiser.root_done_hook, prepend=True, with_kwargs=True)  # returned: first
@@ -641,6 +720,8 @@ def to_weight_space(model: nn.Module) -> nn.Module:
                 if not p.is_contiguous():  # realised Linear weights are views of Wᵀ
                     p.data = p.data.contiguous()
         root = r.root
+        root.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
+        root._parameters.pop(ANCHOR, None)
         _remove_hooks(root, r)
         for name, _ in r.reference:
             if name is not None:

@@ -20,6 +20,7 @@ __all__ = [
     "SolveError",
     "AssignmentError",
     "NotTraceableError",
+    "ShardError",
     "RankDeficientWarning",
     "IllConditionedWarning",
     "TraceFallbackWarning",
@@ -101,6 +102,12 @@ class AssignmentError(TargetSpaceError, NotImplementedError):
 
 class NotTraceableError(TargetSpaceError, RuntimeError):
     """torch.fx could not trace the model (raised only when tracing is required)."""
+
+
+class ShardError(TargetSpaceError, RuntimeError):
+    """A sharded conversion (``process_group``) cannot go ahead: the ranks disagree (options, weights, the
+    shape of their reference shards), a shard is empty, a rank did not join a check in time, or the model
+    has a part that cannot be solved from shards. Raised on every rank alike, before anything changes."""
 
 
 class RankDeficientWarning(UserWarning):

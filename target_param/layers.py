@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .errors import ReferenceBatchError
 from .gram import shift_gram
 from .solver import (FactorCache, Solves, full_precision, handed_out, plain_autograd, regrad, ridge_autograd,
-                     ridge_solve, solve_dtype, solve_with, still_unchanged, uses_dual, with_ones)
+                     ridge_solve, solve_dtype, solve_with, still_unchanged, unsharded, with_ones)
 
 __all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "ConvTransposeAdapter", "adapter_for",
            "is_candidate",
@@ -360,7 +360,7 @@ class ConvAdapter(FeedForwardAdapter):
             return self.realise_subset(module, args, targets, solves, name)
         t = targets["weight"]
         cols = t.numel() // self.out_features
-        if plain_autograd() or uses_dual(self.in_rows(), cols) or t.shape[0] != args[0].shape[0]:
+        if plain_autograd() or solves.dual(self.in_rows(), cols) or t.shape[0] != args[0].shape[0]:
             return super().realise(module, args, targets, solves, name, optimistic)
         out_dtype = t.dtype
         dtype = solve_dtype(out_dtype)
@@ -445,10 +445,12 @@ class _ConvRidge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, ad, solves, layer):
         ctx.set_materialize_grads(False)
-        factor, _, ctx.inverse = solves.factor(lambda: ad.gram_of(x), layer, x, ad.cache, ad.out_features // ad.groups)
-        w = solve_with(ad.cross(x, t), factor, ctx.inverse)
+        b = ad.cross(x, t)
+        factor, _, ctx.inverse = solves.factor(lambda: ad.gram_of(x), layer, x, ad.cache, ad.out_features // ad.groups,
+                                               b)
+        w = solve_with(b, factor, ctx.inverse)
         s = ad.conv(x, w)
-        ctx.ad, ctx.lam, ctx.layer = ad, solves.lam, layer
+        ctx.ad, ctx.lam, ctx.layer, ctx.shards = ad, solves.lam, layer, solves.shards
         ctx.sums_kept = handed_out(s) if ctx.needs_input_grad[0] else None  # S, which may change in place
         ctx.save_for_backward(x, t, w, factor)
         return w, s
@@ -460,15 +462,21 @@ class _ConvRidge(torch.autograd.Function):
         ad = ctx.ad
         need_x, need_t = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain im2col formula instead
+            unsharded(ctx.shards, "double backward (create_graph=True)")
             a = ad.with_ones(ad.patches_of(x))
             inputs = [v for v, need in ((x, need_x), (t, need_t)) if need]
             w2 = ridge_autograd(a, ad.rows(t), ctx.lam, ctx.layer)
             grads = iter(regrad((w2, ad.conv(x, w2)), (gw, gs), inputs))
             return (next(grads) if need_x else None), (next(grads) if need_t else None), None, None, None
         if gw is None and gs is None:
-            return None, None, None, None, None
+            if ctx.shards is None:
+                return None, None, None, None, None
+            gw = w.new_zeros(w.shape)  # the other ranks' sum below needs this rank too
         if gs is not None:
             gw = ad.cross(x, gs) if gw is None else gw + ad.cross(x, gs)
+        if ctx.shards is not None:  # Ŵ + XᵀŜ summed over the ranks (see distributed)
+            gw = gw.clone() if gs is None else gw
+            ctx.shards.sum_(gw)
         z = solve_with(gw, factor, ctx.inverse)
         xz = ad.conv(x, z)  # dL/dT
         gx = None

@@ -70,6 +70,7 @@ class PlannedLayer:
     bias: bool = False  # whether A has the ones row
     lams: dict | None = None  # per target name: the λ_j its solve uses (set by the conversion's checks)
     adapter: object = None  # the layer's adapter; a FunctionalAdapter for a tensor solved at its F.linear/F.conv*
+    shared: list | None = None  # sharded (distributed.Shards.share): the problems over every rank's columns
 
     def __post_init__(self):
         if self.adapter is None:
@@ -96,14 +97,23 @@ class PlannedLayer:
     def kind(self) -> str:
         return self.adapter.kind if isinstance(self.adapter, FunctionalAdapter) else type(self.module).__name__
 
+    def problems(self) -> list[tuple[int, int, int, int]]:
+        """(rows, columns, groups, outputs per group) of each solve (``Adapter.problems``), over every rank's
+        columns when sharded."""
+        return self.shared if self.shared is not None else self.adapter.problems(self.sums)
+
+    def dual(self, rows: int, cols: int) -> bool:
+        """Whether a solve takes the dual form (eq. 23); sharded solves never do (see ``distributed``)."""
+        return self.shared is None and uses_dual(rows, cols)
+
     def stats(self) -> dict:
         """Solve shape and an operation count per training step (eq. 6 plus the reference forward)."""
-        problems = self.adapter.problems(self.sums)
+        problems = self.problems()
         if self.max_positions is not None and isinstance(self.adapter, ConvAdapter):
             problems = [(r, min(c, self.max_positions), g, o) for r, c, g, o in problems]
         flops = 0.0
         for rows, cols, g, out_g in problems:
-            if uses_dual(rows, cols):  # XXᵀ, Cholesky, solve, Xᵀ Z, S = W A
+            if self.dual(rows, cols):  # XXᵀ, Cholesky, solve, Xᵀ Z, S = W A
                 f = 2 * cols * cols * rows + cols ** 3 / 3 + 2 * cols * cols * out_g + 4 * cols * rows * out_g
             else:  # XᵀX, XᵀY, Cholesky, solve, S = W A
                 f = 2 * cols * rows * rows + 4 * cols * rows * out_g + rows ** 3 / 3 + 2 * rows * rows * out_g
@@ -117,7 +127,7 @@ class PlannedLayer:
         ratios = [lam_ratio(self.lams[n], d) for n, d in diagonals.items() if self.lams and n in self.lams]
         ratios = [r for r in ratios if not math.isnan(r)]
         return dict(
-            rows=rows, cols=cols, groups=g, dual=uses_dual(rows, cols),
+            rows=rows, cols=cols, groups=g, dual=self.dual(rows, cols),
             mean_diagonal=min(diagonals.values()) if diagonals else None,
             lam_ratio=max(ratios) if ratios else None,  # the largest λ_j / mean diagonal over its solves
             full_rank=all(c >= r for r, c, _, _ in problems),

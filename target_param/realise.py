@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import (FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, ReferencePassError, SolveError,
                      TargetSpaceError, UnsupportedHabitError)
+from .distributed import ANCHOR, scaled
 from .functional import FunctionalAdapter, ReferenceUses
 from .layers import Adapter, FeedForwardAdapter, positional
 from .parametrization import ridge_lams
@@ -254,8 +255,10 @@ class Realiser:
     """Holds the converted layers of one root module and realises their weights from their targets."""
 
     def __init__(self, root: nn.Module, layers: list[ConvertedLayer], lam: float, cascade: str, reference,
-                 graph_module: nn.Module | None = None, lam_mode: str = "absolute", uses_mode: bool = False):
+                 graph_module: nn.Module | None = None, lam_mode: str = "absolute", uses_mode: bool = False,
+                 shards=None):
         self.root = root
+        self.shards = shards  # a distributed.Shards when the reference batch is sharded across ranks
         self.layers = layers
         # functional units (see functional): (stored key, r0, r1) → layer index; the reference pass then runs
         # under ReferenceUses (also when converted weights are only read outside their module: ``uses_mode``)
@@ -324,6 +327,15 @@ class Realiser:
             return layer.adapter.target_tensors(layer.module)
         lists = layer.module.__dict__["_modules"]["parametrizations"]._modules  # nn.Module.__getattr__, unrolled
         return {n: lists[n]._parameters["original"] for n in layer.adapter.targets}
+
+    def pass_targets(self, i: int) -> dict[str, Tensor]:
+        """The targets of layer i as the reference pass uses them: sharded, each rank's get the gradient of
+        the mean loss over the ranks (see ``distributed.scaled``)."""
+        targets = self.targets(i)
+        if self.shards is None:
+            return targets
+        anchor = self.root._parameters.get(ANCHOR)
+        return {n: scaled(t, self.shards, anchor) for n, t in targets.items()}
 
     def stored_name(self, key: tuple) -> str:
         """The qualified name of the stored tensor ``(id(owner), attribute)``."""
@@ -415,7 +427,7 @@ class Realiser:
         n = len(self.layers)
         self.pending, self.calls, self.order = [None] * n, [0] * n, []
         inputs = self.reference_inputs()
-        self.solves = Solves(self.lam, self.careful, tuple(t for t in inputs if isinstance(t, Tensor)))
+        self.solves = Solves(self.lam, self.careful, tuple(t for t in inputs if isinstance(t, Tensor)), self.shards)
         return inputs
 
     def _finish(self, modules: list) -> bool:
@@ -513,9 +525,10 @@ class Realiser:
             solves = self.solves.scoped(lams)
         else:
             solves = self.solves
+        targets = self.pass_targets(i)
         # (the solve's own ops run outside the functional mode)
         with _NO_MODE if self.uses is None else torch._C.DisableTorchFunction():
-            self.pending[i], out = layer.adapter.realise(layer.module, args, self.targets(i), solves, layer.name,
+            self.pending[i], out = layer.adapter.realise(layer.module, args, targets, solves, layer.name,
                                                          self.cascade == "optimistic")
         return out
 
@@ -526,7 +539,7 @@ class Realiser:
             sums = layer.adapter.sums(layer.module, args, output)
             self.capture[i] = {k: v.detach().clone() for k, v in sums.items()}
         if self.cascade == "optimistic":
-            return layer.adapter.optimistic(layer.module, output, self.targets(i))
+            return layer.adapter.optimistic(layer.module, output, self.pass_targets(i))
         return output
 
     def functional_call(self, i: int, x: Tensor):

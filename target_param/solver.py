@@ -243,8 +243,9 @@ class Solves:
 
     lams: dict | None = None  # per target name: λ_j of that solve (a view made by ``scoped``)
 
-    def __init__(self, lam: float, careful: bool = False, fixed: tuple = ()):
+    def __init__(self, lam: float, careful: bool = False, fixed: tuple = (), shards=None):
         self.lam, self.careful, self.infos, self.fixed = float(lam), careful, [], fixed
+        self.shards = shards  # a distributed.Shards: each solve's sums are summed over its group
         # Only a grad-enabled pass can tell an input that is independent of every target (no grad) from
         # one that merely has no graph (under no_grad), so only such a pass fills a FactorCache.
         self.fills_cache = torch.is_grad_enabled()
@@ -269,13 +270,26 @@ class Solves:
         lam = self.lams.get(name) if self.lams else None
         return self if lam is None or lam == self.lam else self._view(lam, self.lams)
 
+    def dual(self, rows: int, cols: int) -> bool:
+        """Whether a solve of ``rows`` × ``cols`` takes the dual form (eq. 23): never when sharded (see
+        ``distributed``)."""
+        return self.shards is None and uses_dual(rows, cols)
+
     def factor(self, gram: Callable[[], Tensor] | tuple[Tensor, Tensor], layer: str, x: Tensor,
-               cache: FactorCache | None, cols: int):
+               cache: FactorCache | None, cols: int, cross: Tensor | None = None):
         """``(factor, shift, inverse)`` for ``K = Gram + λI`` and right-hand sides of ``cols`` columns: the
         Cholesky factor, or ``K⁻¹`` itself where that is cheaper (``prefers_inverse``; ``cols = 0``: never).
         ``gram``: a function returning a fresh Gram, or the pair ``(a, b)`` whose product it is; only used
-        when the cache misses."""
+        when the cache misses. Sharded (``self.shards``), the Gram and ``cross`` (the right-hand side ``XᵀY``)
+        are summed over the group first, in one all-reduce, ``cross`` in place."""
         hit = cache.lookup(x, self.lam) if cache is not None and not self.careful else None
+        if self.shards is not None:
+            if hit is not None and hit[0] == "factor":
+                self.shards.sum_(cross)  # the factor of the summed Gram is cached
+            else:
+                g = _mm(*gram) if isinstance(gram, tuple) else gram()
+                self.shards.sum_(g, cross)
+                gram = lambda: g  # noqa: E731
         if hit is not None and hit[0] == "factor":
             _, factor, shift, inverse, info = hit
             self.infos.append(info)
@@ -412,6 +426,19 @@ def plain_autograd() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def unsharded(shards, what: str) -> None:
+    """Refuse ``what`` on a sharded model, whose solves sum over ranks only in the analytic backward."""
+    if shards is not None:
+        from .errors import UnsupportedHabitError
+
+        raise UnsupportedHabitError(
+            f"{what} is not supported on a model converted with a process_group: its solves are summed over "
+            "the ranks in the closed-form backward of Algorithm 3 only.",
+            "Gather the model to one process (tp.gather_state_dict) for this, or convert without process_group.",
+            habit=what,
+        )
+
+
 def regrad(outputs: tuple, grads: tuple, inputs: list) -> tuple:
     """``torch.autograd.grad`` with a graph, skipping outputs whose gradient is None (double backward)."""
     pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
@@ -446,7 +473,8 @@ class _Ridge(torch.autograd.Function):
     def forward(ctx, x, y, solves, layer, cache, sums=True, ones=False, fixed=False, split=False):
         ctx.set_materialize_grads(False)
         ctx.ones, ctx.fixed, ctx.split, key = ones, False, split, x
-        ctx.dual, ctx.lam, ctx.layer, ctx.sums = uses_dual(x.shape[-1] + ones, x.shape[-2]), solves.lam, layer, sums
+        ctx.dual, ctx.lam, ctx.layer, ctx.sums = solves.dual(x.shape[-1] + ones, x.shape[-2]), solves.lam, layer, sums
+        ctx.shards = solves.shards
         projections = solves.projections(lambda: with_ones(key) if ones else key, key, cache) \
             if fixed and ctx.dual else None
         if projections is not None:  # the fixed input of eq. 23: W = PY, S = Y − QY
@@ -466,8 +494,9 @@ class _Ridge(torch.autograd.Function):
             s = y - ctx.shift * m
             ctx.save_for_backward(key, y, w, factor, m, *((x,) if ones else ()))
         else:
-            factor, ctx.shift, ctx.inverse = solves.factor((xt, x), layer, key, cache, y.shape[-1])
-            w = solve_with(_mm(xt, y), factor, ctx.inverse)
+            b = _mm(xt, y)
+            factor, ctx.shift, ctx.inverse = solves.factor((xt, x), layer, key, cache, y.shape[-1], b)
+            w = solve_with(b, factor, ctx.inverse)
             s = _mm(x, w) if sums else w.new_empty(0)
             out = _outputs(ctx.split, w, s, ones)
             # what the backward's products take, not built again there: S (see ``handed_out``), x with its ones
@@ -487,12 +516,15 @@ class _Ridge(torch.autograd.Function):
             x = with_ones(x0) if torch.is_grad_enabled() or not kept else kept[0]
         need_x, need_y = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain formula instead
+            unsharded(ctx.shards, "double backward (create_graph=True)")
             inputs = [t for t, need in ((x0, need_x), (y, need_y)) if need]
             w2 = ridge_autograd(x, y, ctx.lam, ctx.layer)
             grads = iter(regrad((w2, x @ w2), (gw, gs), inputs))
             return (next(grads) if need_x else None), (next(grads) if need_y else None), *_NONE
         if gw is None and gs is None:
-            return None, None, *_NONE
+            if ctx.shards is None:
+                return None, None, *_NONE
+            gw = w.new_zeros(w.shape)  # the other ranks' sum below needs this rank too
         gx = gy = None
         if ctx.fixed:  # W = PY, S = Y − QY; the input needs no gradient
             p, q = factor, extra
@@ -520,6 +552,9 @@ class _Ridge(torch.autograd.Function):
                 g = gw
             else:
                 g = _mm(xt, gs) if gw is None else _addmm(gw, xt, gs)  # Ŵ + XᵀŜ
+            if ctx.shards is not None:  # summed over the ranks (see distributed)
+                g = g.clone() if g is gw else g
+                ctx.shards.sum_(g)
             z = solve_with(g, factor, ctx.inverse)
             gy = _mm(x, z)
             if need_x:
@@ -612,6 +647,7 @@ def ridge_solve(x: Tensor, y: Tensor, solves: Solves | float, layer: str = "?",
     if y.dtype != dtype:
         y = y.to(dtype)
     if plain_autograd():
+        unsharded(solves.shards, "torch.func transforms (vmap, grad, jvp)")
         x = with_ones(x) if ones else x
         w = ridge_autograd(x, y, solves.lam, layer)
         out = _outputs(split, w, x @ w if sums else w.new_empty(0), ones)
