@@ -9,6 +9,7 @@ import copy
 import datetime
 import os
 import tempfile
+import time
 import warnings
 
 import pytest
@@ -168,3 +169,168 @@ def test_parity_with_one_process(kind, sizes, tmp_path):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_parity_with_accumulation_under_no_sync(kind, tmp_path):
     _spawn(tmp_path, 2, "scenario_parity", kind, (7, 5) if kind == "mlp" else (3, 4), 3, True)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _untouched(model, before):
+    assert not tp.is_target_space(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def _refused(rank, model, shard, match, **options):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tp.ShardError, match=match) as info:
+        tp.to_target_space(model, shard, lam=options.pop("lam", 0.1), process_group=dist.group.WORLD, **options)
+    _untouched(model, before)
+    return str(info.value)
+
+
+class DataDependent(nn.Module):
+    """Raises in its forward on rank 1's reference shard only (a large mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.mean() > 50:
+            raise ValueError("this shard cannot be run")
+        return self.fc(x)
+
+
+def scenario_errors(rank, world):
+    g = torch.Generator().manual_seed(1)
+    shard = torch.randn(6 + rank, 40, generator=g, dtype=DT)
+
+    torch.manual_seed(0)
+    model = _mlp().to(DT)
+    if rank == 1:
+        with torch.no_grad():
+            model.layers[1].weight[0, 0] += 1e-3
+    text = _refused(rank, model, shard, "identical weights")
+    assert "layers.1.weight" in text and "rank 1" in text
+
+    torch.manual_seed(0)
+    model = _mlp().to(DT)
+    odd = torch.randn(5, 40 if rank == 0 else 39, dtype=DT)
+    if rank == 0:
+        _refused(rank, model, odd, "every dimension but the first")
+    else:  # (its own model cannot run a 39-wide shard: the check comes first, and names the shapes)
+        text = _refused(rank, model, odd, "every dimension but the first")
+        assert "(5, 39)" in text and "(5, 40)" in text
+
+    text = _refused(rank, model, shard[:0] if rank == 1 else shard, "Rank 1's shard of ref_batch is empty")
+
+    _refused(rank, model, shard, "same options", lam=0.1 if rank == 0 else 0.2)
+    _refused(rank, model, shard, "max_positions", max_positions=4)
+    _refused(rank, model, shard, "lam=0", lam=0.0)  # 41 rows against 13 columns: the primal Gram is singular
+
+    torch.manual_seed(0)
+    rnn = nn.Sequential(nn.RNN(3, 5, batch_first=True)).to(DT)
+    text = _refused(rank, rnn, torch.randn(2, 4, 3, dtype=DT), "nn.RNN")
+    assert "['0']" in text
+
+    torch.manual_seed(0)
+    model = DataDependent().to(DT)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shard = torch.randn(4, 4, dtype=DT) + (100.0 if rank == 1 else 0.0)
+    if rank == 1:
+        with pytest.raises(tp.ReferenceBatchError, match="cannot be run"):
+            tp.to_target_space(model, shard, process_group=dist.group.WORLD)
+    else:
+        with pytest.raises(tp.ShardError, match="failed on another rank") as info:
+            tp.to_target_space(model, shard, process_group=dist.group.WORLD)
+        assert "ranks: (1,)" in str(info.value)
+    _untouched(model, before)
+
+    # a model that converts on every rank after all these refusals: the group is still in step
+    torch.manual_seed(0)
+    model = tp.to_target_space(_mlp().to(DT), torch.randn(20, 40, dtype=DT), lam=0.1, process_group=dist.group.WORLD)
+    assert tp.is_target_space(model)
+
+
+def test_errors_are_named_alike_on_every_rank_and_leave_the_model(tmp_path):
+    _spawn(tmp_path, 2, "scenario_errors")
+
+
+def scenario_timeout(rank, world):
+    tpd.CHECK_TIMEOUT = datetime.timedelta(seconds=3)
+    if rank == 1:
+        time.sleep(6)  # never converts
+        return
+    torch.manual_seed(0)
+    model = _mlp().to(DT)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tp.ShardError, match="did not join"):
+        tp.to_target_space(model, torch.randn(4, 40, dtype=DT), lam=0.1, process_group=dist.group.WORLD)
+    _untouched(model, before)
+
+
+def test_a_rank_that_does_not_convert_times_out_by_name(tmp_path):
+    _spawn(tmp_path, 2, "scenario_timeout")
+
+
+# ------------------------------------------------------------------------------------------ state
+def _train(ddp, opt, data, rank, world, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = data(2 * world, g), torch.randint(0, 3, (2 * world,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(ddp(x[2 * rank:2 * rank + 2]), y[2 * rank:2 * rank + 2]).backward()
+        opt.step()
+
+
+def scenario_state(rank, world, kind, sizes, path):
+    single, model, rows, data = _converted_pair(rank, world, kind, sizes)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam(ddp.parameters(), 1e-2)
+    _train(ddp, opt, data, rank, world, 2, 5)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, os.path.join(path, f"ckpt{rank}.pt"))
+    _train(ddp, opt, data, rank, world, 2, 6)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # resume: a fresh sharded conversion on the same shard, the checkpoint, the same two steps
+    torch.manual_seed(0)
+    fresh = MODELS[kind][0]().to(DT)
+    full = data(sum(sizes), torch.Generator().manual_seed(1))
+    tp.to_target_space(fresh, full[rows], lam=0.1, process_group=dist.group.WORLD)
+    ckpt = torch.load(os.path.join(path, f"ckpt{rank}.pt"))
+    fresh.load_state_dict(ckpt["model"])
+    ddp2 = nn.parallel.DistributedDataParallel(fresh)
+    opt2 = torch.optim.Adam(ddp2.parameters(), 1e-2)
+    opt2.load_state_dict(ckpt["opt"])
+    _train(ddp2, opt2, data, rank, world, 2, 6)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, after[k]), f"rank {rank}: {k} differs after resuming"
+
+    # the equivalent single-process model
+    state = tp.gather_state_dict(ddp)
+    x = data(5, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(x)
+    if rank == 0:
+        ref = full.shape[0]
+        assert state["target_space_reference"].shape[0] == ref and torch.equal(state["target_space_reference"], full)
+        single.load_state_dict(state)
+        with torch.no_grad():
+            _close(single(x), out, "gathered model's output")
+    else:
+        assert state is None
+
+    # to_weight_space on every rank: identical plain weights
+    tp.to_weight_space(model)
+    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore") and not tp.is_target_space(model)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    every = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(every, flat)
+    assert all(torch.equal(e, every[0]) for e in every)
+    if rank == 0:
+        plain = tp.to_weight_space(single)
+        for (n, p), q in zip(plain.named_parameters(), model.parameters()):
+            _close(q, p, f"plain {n}")
+
+
+@pytest.mark.parametrize("kind,sizes", [("mlp", (4, 7)), ("cnn", (2, 3))])
+def test_checkpoints_gather_and_weight_space(kind, sizes, tmp_path):
+    _spawn(tmp_path, 2, "scenario_state", kind, sizes, str(tmp_path))
