@@ -340,6 +340,30 @@ class Solves:
             cache.store(key, ("projections", fixed), self.lam)
         return fixed
 
+    def shard_projection(self, inputs: Callable[[], Tensor], key: Tensor, cache: FactorCache | None
+                         ) -> Tensor | None:
+        """For a sharded layer whose input ``X_r`` (``inputs()``, with its ones column) is fixed: ``P_r = K⁻¹X_rᵀ``
+        with ``K = Σ_r X_rᵀX_r + λI`` summed over the group, computed in float64 once per reference batch; then
+        ``W = Σ_r P_r Y_r`` is one product and one all-reduce, with no d × d solve (the sharded counterpart of
+        :meth:`projections`). None when careful or when the factorisation fails (the same on every rank: K
+        is): the layer is then solved as any other."""
+        if self.careful:
+            return None
+        hit = cache.lookup(key, self.lam) if cache is not None else None
+        if hit is not None and hit[0] == "shard":
+            return hit[1]
+        x64 = inputs().double()
+        k = x64.mT @ x64
+        self.shards.sum_(k)
+        k.diagonal(dim1=-2, dim2=-1).add_(self.lam)
+        factor, info = torch.linalg.cholesky_ex(k)
+        if bool(info.any()):
+            return None
+        p = torch.cholesky_solve(x64.mT, factor).to(key.dtype)
+        if cache is not None:
+            cache.store(key, ("shard", p), self.lam)
+        return p
+
     def flags(self) -> Tensor | None:
         """Every deferred factorisation's LAPACK info flag, one 1-D tensor (non-zero: failed; no
         synchronisation)."""
@@ -483,6 +507,15 @@ class _Ridge(torch.autograd.Function):
             w = _mm(p, y)
             ctx.save_for_backward(key, y, w, p, q)
             return _outputs(ctx.split, w, (y - _mm(q, y)) if sums else w.new_empty(0), ones)
+        p = solves.shard_projection(lambda: with_ones(key) if ones else key, key, cache) \
+            if fixed and solves.shards is not None else None
+        if p is not None:  # a fixed shard: W = Σ_r P_r Y_r, S = X W (see Solves.shard_projection)
+            ctx.fixed = "shard"
+            w = _mm(p, y)
+            solves.shards.sum_(w)
+            xo = with_ones(key) if ones else key
+            ctx.save_for_backward(key, y, w, p, xo)
+            return _outputs(ctx.split, w, _mm(xo, w) if sums else w.new_empty(0), ones)
         if ones:  # the bias row of eq. 2a, outside the autograd graph
             x = with_ones(x)
         xt = x.mT
@@ -526,7 +559,13 @@ class _Ridge(torch.autograd.Function):
                 return None, None, *_NONE
             gw = w.new_zeros(w.shape)  # the other ranks' sum below needs this rank too
         gx = gy = None
-        if ctx.fixed:  # W = PY, S = Y − QY; the input needs no gradient
+        if ctx.fixed == "shard":  # W = Σ_r P_r Y_r: dL/dY_r = P_rᵀ Σ_r (Ŵ + X_rᵀŜ_r)
+            p, xo = factor, extra
+            g = (gw.clone() if gw is not None else w.new_zeros(w.shape)) if gs is None else \
+                (_mm(xo.mT, gs) if gw is None else _addmm(gw, xo.mT, gs))
+            ctx.shards.sum_(g)
+            gy = _mm(p.mT, g)
+        elif ctx.fixed:  # W = PY, S = Y − QY; the input needs no gradient
             p, q = factor, extra
             if gs is None:
                 gy = _mm(p.mT, gw)
