@@ -342,3 +342,37 @@ def scenario_state(rank, world, kind, sizes, path):
 @pytest.mark.parametrize("kind,sizes", [("seq", (4, 7)), ("cnn", (2, 3))])
 def test_checkpoints_gather_and_weight_space(kind, sizes, tmp_path):
     _spawn(tmp_path, 2, "scenario_state", kind, sizes, str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ collectives
+@pytest.fixture
+def group_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["seq", "mlp", "cnn"])
+def test_two_all_reduces_per_converted_layer_and_step(kind, group_of_one, monkeypatch):
+    make, data = MODELS[kind]
+    torch.manual_seed(0)
+    model = tp.to_target_space(make().to(DT), data(12, torch.Generator().manual_seed(1)), lam=0.1,
+                               process_group=group_of_one)
+    layers = len(tp.convert.realisers(model)[0].layers)
+    calls = []
+    inner = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.numel()), inner(t, *a, **k))[1])
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for step in range(3):  # (the first step fills the fixed first layer's cache)
+        calls.clear()
+        out = model(data(4, torch.Generator().manual_seed(2)))
+        forward = len(calls)
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        assert (forward, len(calls) - forward) == (layers, layers), f"step {step}"
+    with torch.no_grad():  # a forward without a graph, the weights fresh: no collective
+        calls.clear()
+        model(data(4, torch.Generator().manual_seed(2)))
+        model(data(4, torch.Generator().manual_seed(2)))
+    assert len(calls) == layers  # (one realisation after the last step, then none)

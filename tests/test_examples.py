@@ -229,3 +229,18 @@ def test_depth_quick_runs_and_resumes(tmp_path):
     assert (tmp_path / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # nothing left to run
     assert again.returncode == 0 and json.loads((tmp_path / "depth.json").read_text())["runs"] == state["runs"]
+
+
+def test_ddp_quick_under_torchrun(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(EXAMPLES / "ddp.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations"] == 40
+    assert [e["iteration"] for e in summary["log"]] == [20, 40]
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    # the gathered single-process model computes the sharded one's function (float32, after 40 Adam steps)
+    assert summary["single_process_gap"] < 1e-2
