@@ -14,7 +14,7 @@ interleaved (the order rotates every step, the same on every rank) with Adam:
 
 Per rank it measures the median step of each, the reference pass alone (``Realiser.realise`` under
 ``no_grad``: Algorithm 2 with its collectives, interleaved R and S), the targets' bytes, and the collectives
-of one S step. The table gives, per world size, the slowest rank's medians and the ratios R/W and S/W. The
+of one S step, and the time of one all-reduce of 1 to 10⁶ floats. The table gives, per world size, the slowest rank's medians and the ratios R/W and S/W. The
 processes use gloo on loopback, one thread each: with more ranks than cores they share the cores, and their
 times measure contention, not scaling (the table says how many cores there were). JSON goes to
 ``benchmarks/results/ddp-<machine>-<date>.json``.
@@ -65,6 +65,22 @@ class _Count:
         self.calls += 1
         self.elements += tensor.numel()
         return self.inner(tensor, *args, **kwargs)
+
+
+def _allreduce_times(sizes=(1, 10_000, 100_000, 1_000_000), reps=15) -> dict:
+    """Median seconds of one float32 all-reduce of each size, on this group (the α + β·bytes of the cost
+    model in docs/performance.md)."""
+    out = {}
+    for n in sizes:
+        t = torch.ones(n)
+        dist.all_reduce(t)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            times.append(time.perf_counter() - t0)
+        out[str(n)] = statistics.median(times)
+    return out
 
 
 def _worker(rank, world, init_file, config, steps, out):
@@ -121,6 +137,7 @@ def _worker(rank, world, init_file, config, steps, out):
                    layers=len(realisers(models["S"])[0].layers),
                    ratios_R=statistics.median(r / w for r, w in zip(times["R"], times["W"])),
                    ratios_S=statistics.median(s / w for s, w in zip(times["S"], times["W"])))
+        row["allreduce"] = _allreduce_times()
         rows = [None] * world
         dist.all_gather_object(rows, row)
         if rank == 0:
@@ -138,7 +155,7 @@ def run(config: str, world: int, steps: int) -> dict:
             rows = json.load(f)
     slowest = {k: max(r[k] for r in rows) for k in ("W", "R", "S", "ref_R", "ref_S", "ratios_R", "ratios_S")}
     first = rows[0]
-    return dict(config=config, world=world, steps=steps, **slowest,
+    return dict(config=config, world=world, steps=steps, **slowest, allreduce=rows[0]["allreduce"],
                 target_bytes_R=first["target_bytes_R"], target_bytes_S=max(r["target_bytes_S"] for r in rows),
                 collectives_S=first["collectives_S"], collective_elements_S=first["collective_elements_S"],
                 layers=first["layers"], per_rank=rows)

@@ -71,7 +71,9 @@ class Shards:
 
     # ---------------------------------------------------------------- the solves' sums
     def sum_(self, *tensors: Tensor) -> None:
-        """Sum ``tensors`` over the group, in place, in one all-reduce."""
+        """Sum ``tensors`` over the group, in place, in one all-reduce (none in a group of one)."""
+        if self.world == 1:
+            return
         if len(tensors) == 1 and tensors[0].is_contiguous():
             dist.all_reduce(tensors[0], group=self.group)
             return
