@@ -244,8 +244,32 @@ def lr_of(method: str, args) -> float:
     return args.lr_target if method == "target" else args.lr_weight
 
 
+def _state_path(args, method: str, seed: int, suffix: str) -> Path | None:
+    """Where a run's checkpoint (``.pt``) or finished result (``.json``) lives, with ``--resume``."""
+    if not getattr(args, "resume", False):
+        return None
+    return Path(args.out) / "state" / f"{method}-s{seed}{suffix}"
+
+
+def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # (a kill during the save leaves the previous checkpoint)
+
+
 def run(method: str, seed: int, args, data: dict[str, Tensor] | None = None, progress: bool = True) -> dict:
-    """One training run: ``args.epochs`` epochs (fractions allowed) of Adam on minibatches of ``args.batch``."""
+    """One training run: ``args.epochs`` epochs (fractions allowed) of Adam on minibatches of ``args.batch``.
+
+    With ``--resume`` the run saves its state (model, optimiser, the shuffling generator, the RNG, the curve so
+    far) to ``<out>/state/<method>-s<seed>.pt`` every ``--checkpoint-every`` steps (default: each epoch) and at
+    the end, and continues from it when started again; a finished run is read back from its ``.json``."""
+    done = _state_path(args, method, seed, ".json")
+    if done is not None and done.is_file():
+        saved = json.loads(done.read_text())
+        if saved["epochs_asked"] == args.epochs:
+            print(f"[{method} seed {seed}] finished before: {done}", flush=True)
+            return saved
     torch.set_num_threads(args.threads)
     if data is None:
         data = get_data(args)
@@ -274,7 +298,23 @@ def run(method: str, seed: int, args, data: dict[str, Tensor] | None = None, pro
                disable=not progress, mininterval=2.0)
     model.train()
     step, order = 0, None
+    ckpt = _state_path(args, method, seed, ".pt")
+    every = getattr(args, "checkpoint_every", 0) or steps_per_epoch
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        step, order, curve, step_seconds, running = (state[k] for k in ("step", "order", "curve", "step_seconds",
+                                                                         "running"))
+        bar.update(step)
+        print(f"[{method} seed {seed}] resumed at step {step} ({step / steps_per_epoch:.2f} epochs)", flush=True)
     while step < total:
+        if ckpt is not None and step % every == 0 and step > 0:
+            _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "generator": g.get_state(),
+                         "rng": torch.get_rng_state(), "step": step, "order": order, "curve": curve,
+                         "step_seconds": step_seconds, "running": running})
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(x), generator=g)
         if step % args.eval_every == 0:
@@ -300,8 +340,8 @@ def run(method: str, seed: int, args, data: dict[str, Tensor] | None = None, pro
     log(step)
     print(f"[{method} seed {seed}] done: {step} steps, test acc {curve['test_acc'][-1]:.4f}, "
           f"train {sum(step_seconds):.0f} s", flush=True)
-    return {
-        "method": method, "seed": seed, "lr": lr_of(method, args), **info,
+    result = {
+        "method": method, "seed": seed, "lr": lr_of(method, args), **info, "epochs_asked": args.epochs,
         "steps": step, "epochs": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
         "final_test_acc": curve["test_acc"][-1], "final_test_loss": curve["test_loss"][-1],
         "best_test_acc": max(curve["test_acc"]),
@@ -309,6 +349,10 @@ def run(method: str, seed: int, args, data: dict[str, Tensor] | None = None, pro
         "seconds_per_step_median": statistics.median(step_seconds),
         "curve": curve,
     }
+    if done is not None:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(result))
+    return result
 
 
 def measure(args, data: dict[str, Tensor], steps: int = 8, warmup: int = 2) -> dict:
@@ -426,6 +470,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measure", action="store_true", help="print the seconds per step of each method and exit")
     p.add_argument("--plot-only", action="store_true", help="redraw cnn.png from an existing <--out>/cnn.json")
     p.add_argument("--out", type=Path, default=Path("docs/cnn"), help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="save each run's state under <--out>/state and continue from it when run again")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between saved states with --resume (0: each epoch)")
     p.add_argument("--quick", action="store_true",
                    help="synthetic data (500 train / 200 test images), 1 epoch (5 steps), n̄ = 100: a smoke test")
     args = p.parse_args(argv)
@@ -434,7 +482,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown methods {sorted(bad)}; choose from {METHODS}")
     if args.quick:
-        args.epochs, args.eval_every, args.seeds = 1.0, 2, 2
+        args.eval_every, args.seeds = 2, 2  # (and the default 1 epoch: 5 steps)
     return args
 
 

@@ -244,3 +244,28 @@ def test_ddp_quick_under_torchrun(tmp_path):
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     # the gathered single-process model computes the sharded one's function (float32, after 40 Adam steps)
     assert summary["single_process_gap"] < 1e-2
+
+
+def test_cnn_resumes_from_its_saved_state(tmp_path):
+    def cnn(out, *extra):
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / "cnn.py"), "--quick", "--methods", "target,weight", "--seeds", "1",
+             "--out", str(out), "--data-root", str(tmp_path / "no-data-here"), *extra],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout, {r["method"]: r for r in json.loads((out / "cnn.json").read_text())["runs"]}
+
+    # 7 steps (5 an epoch), with a saved state at step 6; then 11 steps, resumed from step 6, which reshuffle
+    # at step 10 with the saved generator
+    cnn(tmp_path / "a", "--resume", "--checkpoint-every", "3", "--epochs", "1.4")
+    log, resumed = cnn(tmp_path / "a", "--resume", "--checkpoint-every", "3", "--epochs", "2.2")
+    assert "resumed at step 6" in log
+    _, fresh = cnn(tmp_path / "b", "--epochs", "2.2")
+    for m in ("target", "weight"):
+        assert resumed[m]["steps"] == fresh[m]["steps"] == 11
+        assert resumed[m]["curve"]["step"] == fresh[m]["curve"]["step"]
+        assert resumed[m]["curve"]["test_acc"] == fresh[m]["curve"]["test_acc"], m  # the same training exactly
+        assert resumed[m]["curve"]["test_loss"] == fresh[m]["curve"]["test_loss"], m
+    log, again = cnn(tmp_path / "a", "--resume", "--checkpoint-every", "3", "--epochs", "2.2")  # finished: read back
+    assert "finished before" in log and again["target"]["curve"] == resumed["target"]["curve"]
