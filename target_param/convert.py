@@ -27,7 +27,7 @@ from .errors import (
     ShardError,
     UnsupportedLayerError,
 )
-from .distributed import ANCHOR, Shards, anchor_for
+from .distributed import ANCHOR, LAYOUTS, Shards, anchor_for
 from .functional import FunctionalAdapter, bare_candidates, owners, register_units
 from .layers import ConvAdapter, adapter_for, is_candidate
 from .recurrent import RNNAdapter
@@ -651,6 +651,9 @@ def to_target_space(
         model.__dict__[REALISER_ATTR] = realiser
         if shards is not None:  # sharded, not replicated: DistributedDataParallel must leave them alone
             ignored = _target_names(model, realiser) + [n for n in names if n]
+            qualified = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+            model.__dict__[LAYOUTS] = {qualified[id(t)]: pl.layouts[n] for k, pl in enumerate(ran)
+                                       for n, t in realiser.targets(k).items()}
             model._ddp_params_and_buffers_to_ignore = ignored
             anchor = anchor_for(model, ignored)
             if anchor is not None:
@@ -721,6 +724,7 @@ def to_weight_space(model: nn.Module) -> nn.Module:
                     p.data = p.data.contiguous()
         root = r.root
         root.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
+        root.__dict__.pop(LAYOUTS, None)
         root._parameters.pop(ANCHOR, None)
         _remove_hooks(root, r)
         for name, _ in r.reference:

@@ -188,10 +188,12 @@ class Shards:
     def share(self, plan, rows: int) -> None:
         """Every planned layer's statistics over the whole reference batch (the checks of conversion and
         ``lam_mode="relative"`` then see the global Gram): its column energies and problem columns, summed
-        over the group; and a check that its targets are sharded along dim 0 like the reference batch."""
+        over the group; and each target's layout (``layout``: where this rank's reference patterns lie in it),
+        refused by name where it has none."""
         parts, bad = [], []
         for pl in plan.layers:
-            bad.append(float(any(t.dim() == 0 or t.shape[0] != rows for t in pl.sums.values()) if pl.sums else 0.0))
+            pl.layouts = {n: layout(t, rows, pl.module) for n, t in (pl.sums or {}).items()}
+            bad.append(float(any(v is None for v in pl.layouts.values())))
             for name, (e, _) in (pl.energy or {}).items():
                 parts.append(e.double().sum(0))
             parts.append(torch.tensor([float(c) for _, c, _, _ in pl.adapter.problems(pl.sums)]
@@ -205,7 +207,8 @@ class Shards:
         if flagged:
             raise ShardError(
                 "A sharded conversion needs every layer's target sharded like the reference batch: its first "
-                "dimension the reference patterns (batch-first inputs, no op mixing patterns along dim 0).",
+                "dimension the reference patterns (batch-first inputs), or nn.MultiheadAttention's sequence-first "
+                "layout.",
                 "Use batch_first=True layers, or exclude the layers below with filter_fn.",
                 layers=flagged)
         start = len(bad)
@@ -230,6 +233,33 @@ class Shards:
             raise ShardError(f"A rank of process_group did not join the exchange of {what} within {CHECK_TIMEOUT}.",
                              "Call to_target_space with the same arguments on every rank of the group.",
                              rank=self.rank, error=done)
+
+
+def layout(target: Tensor, rows: int, module: nn.Module) -> tuple[str, int] | None:
+    """Where a target holds this rank's ``rows`` reference patterns, so that shards concatenate: ``("dim0", 1)``
+    (batch first: the targets of every module but attention's), ``("dim1", L)`` (nn.MultiheadAttention's
+    in-projection, computed sequence first on (L, n̄, E) whatever ``batch_first``), ``("flat", L)`` (its
+    out-projection, on the (L·n̄, E) flattening), or None."""
+    if target.dim() == 0:
+        return None
+    if isinstance(module, (nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear)):
+        if target.dim() >= 3 and target.shape[1] == rows:
+            return "dim1", target.shape[0]
+        if target.dim() == 2 and target.shape[0] % rows == 0:
+            return "flat", target.shape[0] // rows
+        return None
+    return ("dim0", 1) if target.shape[0] == rows else None
+
+
+def concatenated(parts: list[Tensor], layout: tuple[str, int]) -> Tensor:
+    """Every rank's target, in rank order, as one process holding the concatenated reference batch has it."""
+    mode, lead = layout
+    if mode == "dim0":
+        return torch.cat(parts)
+    if mode == "dim1":
+        return torch.cat(parts, 1)
+    joined = torch.cat([p.reshape(lead, -1, *p.shape[1:]) for p in parts], 1)
+    return joined.reshape(-1, *parts[0].shape[1:])
 
 
 def _device(group) -> torch.device:
@@ -269,6 +299,7 @@ class _Scale(torch.autograd.Function):
 
 
 ANCHOR = "target_space_anchor"
+LAYOUTS = "_target_space_shard_layouts"  # on a sharded root: target name → its ``layout``
 
 
 def anchor_for(root: nn.Module, ignored: list[str]) -> nn.Parameter | None:
@@ -351,8 +382,13 @@ def gather_state_dict(model: nn.Module, dst: int = 0) -> dict[str, Tensor] | Non
     dist.all_gather_object(gathered, local, group=shards.group)
     if shards.rank != dst:
         return None
+    layouts = {}
+    for prefix, m in model.named_modules():
+        for name, lay in m.__dict__.get(LAYOUTS, {}).items():
+            layouts[f"{prefix}.{name}" if prefix else name] = lay
     out = {}
     for k, v in state.items():
         if k.rsplit(".", 1)[-1] != ANCHOR:  # (no anchor in one process)
-            out[k] = torch.cat([g[k] for g in gathered]) if k in sharded else v.detach().cpu()
+            out[k] = concatenated([g[k] for g in gathered], layouts.get(k, ("dim0", 1))) if k in sharded \
+                else v.detach().cpu()
     return out

@@ -71,6 +71,7 @@ class PlannedLayer:
     lams: dict | None = None  # per target name: the λ_j its solve uses (set by the conversion's checks)
     adapter: object = None  # the layer's adapter; a FunctionalAdapter for a tensor solved at its F.linear/F.conv*
     shared: list | None = None  # sharded (distributed.Shards.share): the problems over every rank's columns
+    layouts: dict | None = None  # sharded: per target name, where the rank's reference patterns lie in it
 
     def __post_init__(self):
         if self.adapter is None:

@@ -79,6 +79,19 @@ def _seq():
     return nn.Sequential(nn.Linear(40, 12), nn.Tanh(), nn.Linear(12, 12), nn.ReLU(inplace=True), nn.Linear(12, 3))
 
 
+class Encoder(nn.Module):
+    """nn.TransformerEncoderLayer (batch_first): its attention's in_proj solved as a functional unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
 def _cnn():
     return GroupedCNN().eval()
 
@@ -93,13 +106,14 @@ def _vit():
 MODELS = {
     "mlp": (_mlp, lambda n, g: torch.randn(n, 40, generator=g, dtype=DT)),
     "seq": (_seq, lambda n, g: torch.randn(n, 40, generator=g, dtype=DT)),
+    "encoder": (Encoder, lambda n, g: torch.randn(n, 5, 6, generator=g, dtype=DT)),
     "cnn": (_cnn, lambda n, g: torch.randn(n, 3, 16, 16, generator=g, dtype=DT)),
     "vit": (_vit, lambda n, g: torch.randn(n, 3, 16, 16, generator=g, dtype=DT)),
 }
 
 
 # ------------------------------------------------------------------------------------------ parity
-def _converted_pair(rank, world, kind, sizes, lam=0.1):
+def _converted_pair(rank, world, kind, sizes, lam=0.1, **options):
     """(one process on the concatenated shards, this rank's sharded conversion, this rank's row slice)."""
     make, data = MODELS[kind]
     torch.manual_seed(0)
@@ -107,9 +121,18 @@ def _converted_pair(rank, world, kind, sizes, lam=0.1):
     single = copy.deepcopy(model)
     full = data(sum(sizes), torch.Generator().manual_seed(1))
     lo, hi = _bounds(sizes)[rank:rank + 2]
-    tp.to_target_space(single, full, lam=lam)
-    tp.to_target_space(model, full[lo:hi], lam=lam, process_group=dist.group.WORLD)
+    tp.to_target_space(single, full, lam=lam, **options)
+    tp.to_target_space(model, full[lo:hi], lam=lam, process_group=dist.group.WORLD, **options)
     return single, model, slice(lo, hi), data
+
+
+def _rows_of(name, full, rows):
+    """This rank's part of a one-process target, by the layer's own layout (written out here)."""
+    if ".in_proj_weight." in name:  # nn.MultiheadAttention projects (L, n̄, E), sequence first
+        return full[:, rows]
+    if ".out_proj." in name:  # ... and (L·n̄, E) after attention
+        return full.reshape(5, -1, full.shape[-1])[:, rows].reshape(-1, full.shape[-1])
+    return full[rows]
 
 
 def _close(a, b, what, tol=1e-9):
@@ -124,8 +147,8 @@ def _realised(model):
             for n, t in r.cache[i].items()}
 
 
-def scenario_parity(rank, world, kind, sizes, steps, accumulate):
-    single, model, rows, data = _converted_pair(rank, world, kind, sizes)
+def scenario_parity(rank, world, kind, sizes, steps, accumulate, options=None):
+    single, model, rows, data = _converted_pair(rank, world, kind, sizes, **(options or {}))
     sharded = set(tpd.sharded_names(model))
     assert sharded and all(n.endswith("original") or n == "target_space_reference" for n in sharded)
     for k, w in _realised(single).items():
@@ -153,25 +176,33 @@ def scenario_parity(rank, world, kind, sizes, steps, accumulate):
             if p.grad is None:
                 assert mine[n].grad is None, n
                 continue
-            want = p.grad[rows] if n in sharded else p.grad
+            want = _rows_of(n, p.grad, rows) if n in sharded else p.grad
             _close(mine[n].grad, want, f"rank {rank} step {step} gradient of {n}")
         opt_s.step()
         opt_d.step()
     with torch.no_grad():
-        for k, w in _realised(single).items():
-            pass
         x = data(5, torch.Generator().manual_seed(3))
         _close(model(x), single(x), f"rank {rank} output after {steps} Adam steps", 1e-8)
         for k, w in _realised(single).items():
             _close(_realised(model)[k], w, f"rank {rank} realised {k} after {steps} steps", 1e-8)
         for n, p in single.named_parameters():
-            _close(dict(model.named_parameters())[n], p[rows] if n in sharded else p, f"rank {rank} {n}", 1e-8)
+            _close(dict(model.named_parameters())[n], _rows_of(n, p, rows) if n in sharded else p, f"rank {rank} {n}",
+                   1e-8)
 
 
 @pytest.mark.parametrize("kind,sizes", [("mlp", (11, 19)), ("mlp", (9, 5, 16)), ("seq", (6, 3, 8)), ("cnn", (3, 5)),
                                         ("cnn", (2, 4, 3)), ("vit", (3, 2))])
 def test_parity_with_one_process(kind, sizes, tmp_path):
     _spawn(tmp_path, len(sizes), "scenario_parity", kind, sizes, 5, False)
+
+
+@pytest.mark.parametrize("kind,sizes,options", [
+    ("seq", (6, 5), {"lam_mode": "relative"}),  # λ_j from the Gram of the whole reference batch
+    ("mlp", (5, 8), {"cascade": "optimistic"}),  # OCU: the targets pass on (eq. 8)
+    ("encoder", (3, 4), {}),  # nn.MultiheadAttention's units, sequence first
+])
+def test_parity_with_other_options(kind, sizes, options, tmp_path):
+    _spawn(tmp_path, len(sizes), "scenario_parity", kind, sizes, 3, False, options)
 
 
 @pytest.mark.parametrize("kind", ["seq", "cnn"])
@@ -339,7 +370,7 @@ def scenario_state(rank, world, kind, sizes, path):
             _close(q, p, f"plain {n}")
 
 
-@pytest.mark.parametrize("kind,sizes", [("seq", (4, 7)), ("cnn", (2, 3))])
+@pytest.mark.parametrize("kind,sizes", [("seq", (4, 7)), ("cnn", (2, 3)), ("encoder", (3, 2))])
 def test_checkpoints_gather_and_weight_space(kind, sizes, tmp_path):
     _spawn(tmp_path, 2, "scenario_state", kind, sizes, str(tmp_path))
 
