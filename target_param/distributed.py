@@ -88,17 +88,7 @@ class Shards:
     def _gather(self, x: Tensor, what: str) -> list[Tensor]:
         """All-gather of equal-shaped tensors, with :data:`CHECK_TIMEOUT`."""
         out = [torch.empty_like(x) for _ in range(self.world)]
-        work = dist.all_gather(out, x, group=self.group, async_op=True)
-        try:
-            done = work.wait(timeout=CHECK_TIMEOUT)
-        except Exception as e:  # (gloo raises on timeout, NCCL may return False)
-            done = str(e) or type(e).__name__
-        if done is not True and done is not None:
-            raise ShardError(
-                f"A rank of process_group did not join the check of {what} within {CHECK_TIMEOUT}: conversion "
-                "is collective.",
-                "Call to_target_space with the same arguments on every rank of the group.",
-                rank=self.rank, world_size=self.world, error=done)
+        self._wait(dist.all_gather(out, x, group=self.group, async_op=True), what)
         return out
 
     def check(self, model: nn.Module, inputs: tuple, options: dict) -> None:
@@ -201,7 +191,7 @@ class Shards:
         flat = torch.cat([torch.tensor(bad, dtype=torch.float64)] + [p.reshape(-1).cpu() for p in parts])
         flat = flat.to(_device(self.group))
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._wait(work, "the plan")
+        self._wait(work, "the plan's statistics")
         flat = flat.cpu()
         flagged = [pl.name for pl, b in zip(plan.layers, flat[:len(bad)].tolist()) if b]
         if flagged:
@@ -225,14 +215,17 @@ class Shards:
             pl.shared = [(r, int(c), g, o) for (r, _, g, o), c in zip(problems, cols)]
 
     def _wait(self, work, what: str) -> None:
+        """Wait for a collective of conversion's checks, at most :data:`CHECK_TIMEOUT`."""
         try:
             done = work.wait(timeout=CHECK_TIMEOUT)
-        except Exception as e:
+        except Exception as e:  # (gloo raises on timeout, NCCL may return False)
             done = str(e) or type(e).__name__
         if done is not True and done is not None:
-            raise ShardError(f"A rank of process_group did not join the exchange of {what} within {CHECK_TIMEOUT}.",
-                             "Call to_target_space with the same arguments on every rank of the group.",
-                             rank=self.rank, error=done)
+            raise ShardError(
+                f"A rank of process_group did not join the check of {what} within {CHECK_TIMEOUT}: conversion "
+                "is collective.",
+                "Call to_target_space with the same arguments on every rank of the group.",
+                rank=self.rank, world_size=self.world, error=done)
 
 
 def layout(target: Tensor, rows: int, module: nn.Module) -> tuple[str, int] | None:
