@@ -5,7 +5,8 @@ trained with Adam for ``--steps`` minibatches of 100 and tested on the 10,000 te
 with the same learning-rate grid and the same seeds:
 
 * ``target``: target space (SCU), targets truncated normal σ = 1 then projected (eq. 13, the paper's dense
-  setting), reference batch of ``--n-ref`` training images (256 ≥ 129 rows: every layer full rank), λ ``--lam``;
+  setting), reference batch of ``--n-ref`` training images (256 ≥ 129 rows: every hidden layer full rank; the
+  first layer, 785 rows, is not), λ ``--lam``;
 * ``weight_glorot``: weight space with Glorot uniform weights and zero biases (the paper's baseline);
 * ``weight_default``: weight space with PyTorch's default initialisation;
 * ``weight_layernorm``: PyTorch's default initialisation with LayerNorm before every hidden tanh (the
