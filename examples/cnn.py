@@ -388,14 +388,36 @@ def _worker(job: tuple[str, int], args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ summary, plot
+def acc_at_seconds(curve: dict, seconds: float) -> float:
+    """Test accuracy of one run after ``seconds`` of training, interpolated linearly between its evaluations
+    (the final one past its end)."""
+    ts, accs = curve["train_seconds"], curve["test_acc"]
+    if seconds >= ts[-1]:
+        return accs[-1]
+    k = next(i for i, t in enumerate(ts) if t >= seconds)
+    if k == 0:
+        return accs[0]
+    w = (seconds - ts[k - 1]) / (ts[k] - ts[k - 1])
+    return accs[k - 1] + w * (accs[k] - accs[k - 1])
+
+
 def summarise(runs: list[dict], methods) -> dict:
+    """Per method: final and best test accuracy over the seeds, the mean accuracy at each evaluation epoch
+    (``test_acc_by_epoch``), and the mean accuracy at equal training time (``test_acc_at_common_seconds``:
+    at the mean training time of the fastest method, ``common_seconds``)."""
     out = {}
-    for m in methods:
+    present = [m for m in methods if any(r["method"] == m for r in runs)]
+    common = min((statistics.fmean(r["train_seconds"] for r in runs if r["method"] == m) for m in present),
+                 default=0.0)
+    for m in present:
         rs = [r for r in runs if r["method"] == m]
-        if not rs:
-            continue
         accs = [r["final_test_acc"] for r in rs]
+        epochs = rs[0]["curve"]["epoch"]
         out[m] = {
+            "test_acc_by_epoch": {f"{e:g}": statistics.fmean(r["curve"]["test_acc"][i] for r in rs)
+                                  for i, e in enumerate(epochs)},
+            "common_seconds": common,
+            "test_acc_at_common_seconds": statistics.fmean(acc_at_seconds(r["curve"], common) for r in rs),
             "seeds": len(rs),
             "final_test_acc_mean": statistics.fmean(accs),
             "final_test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -468,7 +490,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--measure", action="store_true", help="print the seconds per step of each method and exit")
-    p.add_argument("--plot-only", action="store_true", help="redraw cnn.png from an existing <--out>/cnn.json")
+    p.add_argument("--plot-only", action="store_true",
+                   help="recompute the summary and redraw cnn.png from an existing <--out>/cnn.json")
     p.add_argument("--out", type=Path, default=Path("docs/cnn"), help="output folder")
     p.add_argument("--resume", action="store_true",
                    help="save each run's state under <--out>/state and continue from it when run again")
@@ -498,9 +521,11 @@ def main(argv=None) -> dict | None:
     if args.plot_only:
         saved = json.loads((args.out / "cnn.json").read_text())
         cfg = saved["config"]
+        saved["summary"] = summarise(saved["runs"], cfg["methods"])
+        (args.out / "cnn.json").write_text(json.dumps(saved, indent=1))
         ep = saved["runs"][0]["epochs"] if saved["runs"] else 0
         plot(saved["runs"], cfg["methods"], args.out / "cnn.png", _title(saved["data"], ep, cfg["seeds"], cfg["dropout"]))
-        print(f"redrew {args.out / 'cnn.png'}")
+        print(f"recomputed the summary in {args.out / 'cnn.json'} and redrew {args.out / 'cnn.png'}")
         return saved
     data = get_data(args)
     print(f"data: {'synthetic' if args.quick else args.dataset}, train {tuple(data['x_train'].shape)}, "

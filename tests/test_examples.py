@@ -130,16 +130,22 @@ def test_cnn_quick(tmp_path):
         assert s["seeds"] == 2 and 0.0 <= s["final_test_acc_mean"] <= 1.0 and s["final_test_acc_std"] >= 0.0
 
 
-def test_cnn_prepare_data(tmp_path):
-    # The Debian-package layout (gzipped IDX files) unpacked where torchvision reads it.
-    import gzip
+def _cnn_module():
     import importlib.util
-
-    import torch
 
     spec = importlib.util.spec_from_file_location("cnn_example", EXAMPLES / "cnn.py")
     cnn = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cnn)
+    return cnn
+
+
+def test_cnn_prepare_data(tmp_path):
+    # The Debian-package layout (gzipped IDX files) unpacked where torchvision reads it.
+    import gzip
+
+    import torch
+
+    cnn = _cnn_module()
     src = tmp_path / "src"
     src.mkdir()
     for split, n in (("train", 6), ("t10k", 4)):
@@ -152,6 +158,27 @@ def test_cnn_prepare_data(tmp_path):
     data = cnn.load_dataset("fashion", tmp_path / "root")
     assert data["x_train"].shape == (6, 1, 28, 28) and data["x_test"].shape == (4, 1, 28, 28)
     assert data["y_train"].tolist() == [0, 1, 2, 3, 4, 5] and data["x_train"].dtype == torch.float32
+
+
+def test_cnn_summary_compares_at_equal_epochs_and_equal_time():
+    # Two weight-space seeds of 18 s and 22 s and one target-space seed of 80 s, evaluated at epochs 0, 1, 2.
+    def run(method, seconds, accs):
+        return {"method": method, "final_test_acc": accs[-1], "best_test_acc": max(accs), "epochs": 2,
+                "train_seconds": seconds[-1], "seconds_per_step_median": 1.0,
+                "curve": {"epoch": [0, 1, 2], "train_seconds": seconds, "test_acc": accs}}
+
+    runs = [run("weight", [0, 10, 18], [0.1, 0.5, 0.9]), run("weight", [0, 10, 22], [0.3, 0.5, 0.7]),
+            run("target", [0, 40, 80], [0.2, 0.6, 0.8])]
+    s = _cnn_module().summarise(runs, ["target", "weight", "weight_bn"])
+    assert set(s) == {"target", "weight"}
+    assert s["weight"]["test_acc_by_epoch"] == pytest.approx({"0": 0.2, "1": 0.5, "2": 0.8})
+    assert s["target"]["test_acc_by_epoch"] == pytest.approx({"0": 0.2, "1": 0.6, "2": 0.8})
+    # equal time = the weight runs' mean 20 s: target space halfway between its evaluations at 0 s and 40 s;
+    # the first weight seed has ended (its final 0.9), the second is 10/12 of the way from 0.5 to 0.7
+    assert s["target"]["common_seconds"] == s["weight"]["common_seconds"] == 20
+    assert s["target"]["test_acc_at_common_seconds"] == pytest.approx(0.4)
+    assert s["weight"]["test_acc_at_common_seconds"] == pytest.approx((0.9 + 0.5 + 0.2 * 10 / 12) / 2)
+    assert s["weight"]["final_test_acc_mean"] == pytest.approx(0.8)
 
 
 def test_timm_finetune_quick(tmp_path):
