@@ -48,7 +48,9 @@ def main(argv=None) -> dict:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        return train(args, rank, world)
+        summary = train(args, rank, world)
+        dist.barrier()  # no rank tears gloo down while another still works (rank 0 checks the gathered model)
+        return summary
     finally:
         dist.destroy_process_group()
 

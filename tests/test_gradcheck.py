@@ -227,4 +227,6 @@ def test_gradcheck_max_positions(kw, device):
     f = as_function(model, keys, x)
     (g,) = torch.autograd.grad(f(*targets).sum(), targets[0])
     assert g.abs().max() > 1e-8  # the first layer's targets reach the output
-    assert gradcheck(f, tuple(targets), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=False)
+    # CUDA's reflect-padding backward accumulates with atomics: repeated backwards differ in the last bits
+    nondet = 0.0 if device == "cpu" else 1e-10
+    assert gradcheck(f, tuple(targets), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=False, nondet_tol=nondet)

@@ -375,27 +375,45 @@ def test_autocast_training_step_on_the_reference_batch():
         torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast_with_grad_scaler(dtype):
-    net, fp32, ref, x = (t.cuda() for t in _autocast_pair("conv"))
+@pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 4])
+def test_autocast_with_grad_scaler(scale, dtype, device, monkeypatch):
+    """AMP's recipe, step for step beside a plain model with the same realised weights and its own scaler.
+    float16 at GradScaler's default scale 2¹⁶ overflows in the first conv's weight gradient (the plain
+    model's too): the target gradients behind it are then non-finite, so the scaler skips the step and halves
+    its scale, exactly as for the plain model. Otherwise the unscaled target gradients are the plain model's
+    weight gradients pushed through the float32 solves, exactly (cuDNN set deterministic: its default
+    kernels differ run to run in the last bits)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    net, fp32, ref, x = (t.to(device) for t in _autocast_pair("conv"))
     plain = tp.to_weight_space(copy.deepcopy(fp32))
-    scaler = torch.amp.GradScaler("cuda")
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    with torch.autocast("cuda", dtype=dtype):
+    (scaler, opt), (p_scaler, p_opt) = ((torch.amp.GradScaler(device, init_scale=scale),
+                                         torch.optim.Adam(m.parameters(), 1e-3)) for m in (net, plain))
+    with torch.autocast(device, dtype=dtype):
         y, yp = net(x), plain(x)
         first = net[0].weight
     assert y.dtype == dtype and first.dtype == torch.float32
     torch.testing.assert_close(first, fp32[0].weight, rtol=1e-6, atol=1e-7)
     scaler.scale(y.float().pow(2).mean()).backward()
-    yp.float().pow(2).mean().backward()
+    p_scaler.scale(yp.float().pow(2).mean()).backward()
     scaler.unscale_(opt)
-    for g, expected in zip(grads_of(net).values(), _chain_of_plain_gradients(fp32, plain)):
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(g, expected, rtol=1e-3, atol=1e-5)
-    scaler.step(opt)
-    scaler.update()
+    p_scaler.unscale_(p_opt)
+    overflow = not all(torch.isfinite(p.grad).all() for p in plain.parameters())
+    assert overflow == (dtype == torch.float16 and scale == 2.0 ** 16)  # both paths really taken
+    got = list(grads_of(net).values())
+    assert all(torch.isfinite(g).all() for g in got) != overflow
+    if not overflow:
+        for g, expected in zip(got, _chain_of_plain_gradients(fp32, plain)):
+            torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-9)
+    before = {n: p.detach().clone() for n, p in targets(net).items()}
+    for s_, o in ((scaler, opt), (p_scaler, p_opt)):
+        s_.step(o)
+        s_.update()
+    assert scaler.get_scale() == p_scaler.get_scale() == (scale / 2 if overflow else scale)
+    moved = [not torch.equal(before[n], p) for n, p in targets(net).items()]
+    assert moved == [not overflow] * len(moved)
     assert all(torch.isfinite(p).all() for p in targets(net).values())
 
 
