@@ -385,7 +385,7 @@ def main(argv=None) -> dict:
                 "paper": "Fairbank, Samothrakis, Citi, Deep Learning in Target Space, JMLR 2022, section 5.3, "
                          + ("Fig. 8" if task == "memorise" else "Fig. 9"),
                 "task": task, "config": config, "budget_iters": args.iters,
-                "success_accuracy": SUCCESS_ACCURACY, "complete": len(runs) == len(jobs),
+                "success_accuracy": SUCCESS_ACCURACY, "complete": False,  # set once the loop ends
                 "wall_seconds": time.perf_counter() - t0 + sum(r.get("wall_seconds", 0) for r in runs[:len(done)]),
                 "summary": table, "runs": runs,
                 "torch": torch.__version__,
@@ -394,6 +394,12 @@ def main(argv=None) -> dict:
         bar.close()
         if summary is None:  # everything was resumed or skipped
             summary = json.loads(js.read_text()) if js.is_file() else {"summary": table, "wall_seconds": 0.0}
+        if runs:  # complete: every point run, or skipped by --stop-after-fail past a method's all-fail N
+            ran = {(r["N"], r["method"], r["seed"]) for r in runs}
+            summary["complete"] = all(
+                (n, m, s) in ran or (args.stop_after_fail and failed_everywhere_below(runs, m, n, len(args.seed_list)))
+                for n, m, s in jobs)
+            js.write_text(json.dumps(summary, indent=1))
         plot(table, task, args, png)
         results[task] = summary
         print(f"\n{task}: success ratio / mean iterations to success (budget {args.iters:,})")

@@ -238,6 +238,7 @@ def test_bitstream_sweep_resumes_and_stops_a_method_after_it_fails_everywhere(tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert second["runs"][:2] == first["runs"]  # kept, not rerun
     assert {(r["N"], r["method"]) for r in second["runs"]} == {(2, "weight"), (2, "target_scu")}  # N = 3, 4 skipped
+    assert first["complete"] and second["complete"]  # skipped by the stop rule still counts as done
     proc, third = run("--N", "2,3", "--resume")
     assert proc.returncode == 0 and {r["N"] for r in third["runs"]} == {2, 3}
     proc, _ = run("--N", "2,3", "--resume", "--lam", "0.5")
