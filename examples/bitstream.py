@@ -365,13 +365,17 @@ def main(argv=None) -> dict:
         js, png = args.out / f"bitstream_{task}.json", args.out / f"bitstream_{task}.png"
         runs, t0 = (resumed(js, config) if args.resume else []), time.perf_counter()
         done = {(r["N"], r["method"], r["seed"]) for r in runs}
+
+        def stopped(n, m):  # --stop-after-fail: m failed on every seed at some N below n
+            return args.stop_after_fail and failed_everywhere_below(runs, m, n, len(args.seed_list))
+
         bar = tqdm(jobs, desc=task, unit="run", dynamic_ncols=True, file=sys.stdout)
         table = summarise(runs, task, args.delays, args.method_list)
         summary = None
         for n, m, s in bar:
             if (n, m, s) in done:
                 continue
-            if args.stop_after_fail and failed_everywhere_below(runs, m, n, len(args.seed_list)):
+            if stopped(n, m):
                 continue
             bar.set_postfix(N=n, method=m, seed=s)
             r = run_one(task, n, m, s, args)
@@ -396,9 +400,7 @@ def main(argv=None) -> dict:
             summary = json.loads(js.read_text()) if js.is_file() else {"summary": table, "wall_seconds": 0.0}
         if runs:  # complete: every point run, or skipped by --stop-after-fail past a method's all-fail N
             ran = {(r["N"], r["method"], r["seed"]) for r in runs}
-            summary["complete"] = all(
-                (n, m, s) in ran or (args.stop_after_fail and failed_everywhere_below(runs, m, n, len(args.seed_list)))
-                for n, m, s in jobs)
+            summary["complete"] = all((n, m, s) in ran or stopped(n, m) for n, m, s in jobs)
             js.write_text(json.dumps(summary, indent=1))
         plot(table, task, args, png)
         results[task] = summary

@@ -25,6 +25,8 @@ import target_param as tp
 from target_param import realise as realise_module
 from target_param.recompute import Recomputation, in_backward
 
+from conftest import DEVICES
+
 DT = torch.float64
 
 
@@ -375,8 +377,7 @@ def test_autocast_training_step_on_the_reference_batch():
         torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 4])
 def test_autocast_with_grad_scaler(scale, dtype, device, monkeypatch):
