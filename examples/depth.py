@@ -7,10 +7,18 @@ with the same learning-rate grid and the same seeds:
 * ``target``: target space (SCU), targets truncated normal σ = 1 then projected (eq. 13, the paper's dense
   setting), reference batch of ``--n-ref`` training images (256 ≥ 129 rows: every hidden layer full rank; the
   first layer, 785 rows, is not), λ ``--lam``;
+* ``target_project``: target space from the same Glorot weights as ``weight_glorot``, ``init="project"``
+  (eq. 13: the targets are the sums those weights achieve on X̄, so the model's function is kept);
+* ``target_sigma01``: as ``target`` with random targets of σ = 0.1, projected;
 * ``weight_glorot``: weight space with Glorot uniform weights and zero biases (the paper's baseline);
 * ``weight_default``: weight space with PyTorch's default initialisation;
 * ``weight_layernorm``: PyTorch's default initialisation with LayerNorm before every hidden tanh (the
   practitioner's alternative).
+
+Every run also records, every 50 steps, the loss and accuracy on the reference batch itself (for the target
+methods; the same images for the others), and the step-0 diagnostics per Linear layer: the weight gain
+‖W‖_F/√d_out of the weights the first training forward uses (realised, for the target methods) and the norm
+of the gradient of the learnable tensor (the targets, or the weights) on the first minibatch.
 
 Each finished run is written to ``<out>/depth.json`` at once; rerunning the same command skips the finished
 (depth, method, lr, seed) points, so a sweep can be stopped and continued. ``<out>/depth.png``: test accuracy
@@ -44,9 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import target_param as tp  # noqa: E402
 from cnn import load_dataset, synthetic_dataset  # noqa: E402
 
-METHODS = ("target", "weight_glorot", "weight_default", "weight_layernorm")
-STYLES = {"target": ("C3", "o"), "weight_glorot": ("C0", "s"), "weight_default": ("C2", "^"),
-          "weight_layernorm": ("C1", "D")}
+METHODS = ("target", "target_project", "target_sigma01", "weight_glorot", "weight_default", "weight_layernorm")
+STYLES = {"target": ("C3", "o"), "target_project": ("C4", "v"), "target_sigma01": ("C5", "P"),
+          "weight_glorot": ("C0", "s"), "weight_default": ("C2", "^"), "weight_layernorm": ("C1", "D")}
+INIT = {"target": ("random", 1.0), "target_project": ("project", 1.0), "target_sigma01": ("random", 0.1)}
 
 
 class DeepTanh(nn.Module):
@@ -67,15 +76,16 @@ class DeepTanh(nn.Module):
 
 def build(method: str, depth: int, ref, args) -> nn.Module:
     model = DeepTanh(depth, args.width, layernorm=method == "weight_layernorm")
-    if method in ("target", "weight_glorot"):
+    if method in INIT or method == "weight_glorot":
         for layer in model.layers:
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
     model.conversion_warnings = []
-    if method == "target":
+    if method in INIT:
+        init, std = INIT[method]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            tp.to_target_space(model, ref, lam=args.lam, init="random", target_std=1.0)
+            tp.to_target_space(model, ref, lam=args.lam, init=init, target_std=std)
         model.conversion_warnings = sorted({w.category.__name__ for w in caught})
     return model
 
@@ -88,13 +98,28 @@ def accuracy(model, x, y, chunk=2000) -> float:
     return hits / len(x)
 
 
+def step0(model: nn.Module) -> dict:
+    """Per Linear layer, after the first backward: the gain ‖W‖_F/√d_out of the weight the forward used, and the
+    norm of the learnable tensor's gradient (the targets in target space, else the weight)."""
+    gains, grads = [], []
+    with torch.no_grad():
+        for layer in model.layers:
+            w = layer.weight  # realised in target space (no new realisation: nothing changed since the forward)
+            gains.append(round(float(w.norm() / w.shape[0] ** 0.5), 4))
+            learn = layer.parametrizations.weight.original if tp.is_target_space(layer) else layer.weight
+            grads.append(float(learn.grad.norm()) if learn.grad is not None else 0.0)
+    return {"gain": gains, "grad_norm": grads}
+
+
 def run_one(data, depth: int, method: str, lr: float, seed: int, args) -> dict:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    ref = data["x_train"][torch.randperm(len(data["x_train"]), generator=g)[:args.n_ref]]
+    ref_idx = torch.randperm(len(data["x_train"]), generator=g)[:args.n_ref]
+    ref = data["x_train"][ref_idx]
     model = build(method, depth, ref, args)
     opt = torch.optim.Adam(model.parameters(), lr)
-    t0, losses, diverged = time.perf_counter(), [], False
+    t0, losses, ref_curve, diverged, diag = time.perf_counter(), [], [], False, None
+    y_ref = data["y_train"][ref_idx]
     for step in range(args.steps):
         idx = torch.randint(len(data["x_train"]), (args.batch,), generator=g)
         opt.zero_grad(set_to_none=True)
@@ -107,17 +132,30 @@ def run_one(data, depth: int, method: str, lr: float, seed: int, args) -> dict:
         if not torch.isfinite(loss):
             diverged = True
             break
+        if step == 0:
+            diag = step0(model)
         opt.step()
         if step % 50 == 0:
             losses.append(round(loss.item(), 4))
+            ref_curve.append(reference_fit(model, ref, y_ref))
     seconds = time.perf_counter() - t0
     try:
         test = accuracy(model, data["x_test"], data["y_test"]) if not diverged else 0.1
     except tp.TargetSpaceError:
         test, diverged = 0.1, True
     return {"depth": depth, "method": method, "lr": lr, "seed": seed, "test_acc": test, "diverged": diverged,
-            "loss_every_50": losses, "seconds": round(seconds, 2), "steps": args.steps,
+            "loss_every_50": losses, "ref_every_50": ref_curve, "step0": diag, "seconds": round(seconds, 2), "steps": args.steps,
             "conversion_warnings": model.conversion_warnings}
+
+
+@torch.no_grad()
+def reference_fit(model, ref, y_ref) -> list[float]:
+    """[loss, accuracy] on the reference batch itself (after the step; no realisation is saved by it)."""
+    try:
+        out = model(ref)
+    except tp.TargetSpaceError:
+        return [float("nan"), 0.1]
+    return [round(float(F.cross_entropy(out, y_ref)), 4), round(float((out.argmax(1) == y_ref).float().mean()), 4)]
 
 
 def best_by_lr(runs: list[dict], depth: int, method: str) -> tuple[float, list[float]] | None:
@@ -150,6 +188,37 @@ def plot(runs: list[dict], depths: list[int], path: Path, steps: int) -> None:
     ax.set_title(f"Best learning rate per method, {steps} Adam steps; band: seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def step0_at(data, depth: int, method: str, seed: int, args) -> dict:
+    """Step-0 diagnostics of a fresh model (one minibatch's forward and backward, no step): cheap, so computed
+    anew for the figure rather than read from runs that predate them."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    ref = data["x_train"][torch.randperm(len(data["x_train"]), generator=g)[:args.n_ref]]
+    model = build(method, depth, ref, args)
+    idx = torch.randint(len(data["x_train"]), (args.batch,), generator=g)
+    F.cross_entropy(model(data["x_train"][idx]), data["y_train"][idx]).backward()
+    return step0(model)
+
+
+def plot_step0(diag: dict, depth: int, path: Path) -> None:
+    """Per layer at step 0: weight gain, and the norm of the learnable tensor's gradient (log scale)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m, d in diag.items():
+        colour, marker = STYLES[m]
+        xs = range(1, len(d["gain"]) + 1)
+        a.plot(xs, d["gain"], marker=marker, ms=3, color=colour, label=m)
+        b.semilogy(xs, [max(v, 1e-30) for v in d["grad_norm"]], marker=marker, ms=3, color=colour, label=m)
+    a.set_title(f"depth {depth}: weight gain ‖W‖_F/√d_out at step 0")
+    b.set_title("‖∂L/∂(targets or weights)‖ per layer, first minibatch")
+    for ax in (a, b):
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -203,6 +272,11 @@ def main(argv=None):
         tqdm.write(f"depth {d:<3} {m:<17} lr {lr:g} seed {s}: test {r['test_acc']:.4f}"
                    f"{' (diverged)' if r['diverged'] else ''}, {r['seconds']:.1f} s", file=sys.stdout)
     plot(state["runs"], depths, args.out / "depth.png", args.steps)
+    deep = 32 if 32 in depths else max(depths)
+    diag = {m: step0_at(data, deep, m, 0, args) for m in METHODS if m != "weight_layernorm"}
+    state["step0"] = {"depth": deep, "seed": 0, "methods": diag}
+    js.write_text(json.dumps(state, indent=1))
+    plot_step0(diag, deep, args.out / f"depth{deep}_step0.png")
     print(f"\nbest learning rate per method: mean test accuracy over seeds [min-max] ({time.perf_counter() - t0:.0f} s)")
     for d in depths:
         cells = []

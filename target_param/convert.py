@@ -23,6 +23,7 @@ from .errors import (
     NoEligibleLayerError,
     NotConvertedError,
     RankDeficientWarning,
+    WeightSpaceWarning,
     ReferenceBatchError,
     ShardError,
     UnsupportedLayerError,
@@ -446,13 +447,14 @@ def _plan_here(model, ref_batch, filter_fn, trace) -> tuple[tuple, Plan]:
         )
     if plan.skipped:
         warnings.warn("Bare tensors used as the weight of F.linear / F.conv* stay in weight space:\n"
-                      + "\n".join(f"{n}: {why}" for n, why in plan.skipped.items()), stacklevel=3)
+                      + "\n".join(f"{n}: {why}" for n, why in plan.skipped.items()), WeightSpaceWarning, stacklevel=3)
     for pl in plan.layers:
         if pl.calls > 1:
             raise reused_error(pl.name, pl.calls)
     unused = [pl.name for pl in plan.layers if pl.calls == 0]
     if unused:
-        warnings.warn(f"Layers not run on the reference batch stay in weight space: {unused}", stacklevel=3)
+        warnings.warn(f"Layers not run on the reference batch stay in weight space: {unused}", WeightSpaceWarning,
+                      stacklevel=3)
     ran = [pl for pl in plan.layers if pl.calls]
     if not ran:
         raise NoEligibleLayerError(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 __all__ = [
     "TargetSpaceError",
+    "TargetSpaceWarning",
+    "WeightSpaceWarning",
     "InvalidArgumentError",
     "ReferenceBatchError",
     "ReferencePassError",
@@ -110,20 +112,30 @@ class ShardError(TargetSpaceError, RuntimeError):
     has a part that cannot be solved from shards. Raised on every rank alike, before anything changes."""
 
 
-class RankDeficientWarning(UserWarning):
+class TargetSpaceWarning(UserWarning):
+    """Base class of the library's warnings: ``warnings.simplefilter("error", tp.TargetSpaceWarning)`` (or
+    ``pytest -W error::target_param.TargetSpaceWarning``) turns every one of them into an error."""
+
+
+class WeightSpaceWarning(TargetSpaceWarning):
+    """A linear map stays in weight space (named, with the reason): a bare tensor used in a way eq. 6 cannot
+    solve, or a layer that did not run on the reference batch."""
+
+
+class RankDeficientWarning(TargetSpaceWarning):
     """A layer has fewer reference columns than input rows: ``n̄ × positions < d_in + 1``
     (section 3.1, Fig. 7), so not every target is achievable."""
 
 
-class IllConditionedWarning(UserWarning):
+class IllConditionedWarning(TargetSpaceWarning):
     """A Cholesky factorisation failed and was retried in float64 and/or with jitter."""
 
 
-class TraceFallbackWarning(UserWarning):
+class TraceFallbackWarning(TargetSpaceWarning):
     """torch.fx planning failed or disagreed with eager; the execution order recorded by hooks is used."""
 
 
-class LambdaScaleWarning(UserWarning):
+class LambdaScaleWarning(TargetSpaceWarning):
     """λ is large against the scale of a layer's input: ``λ_j`` exceeds ``LAMBDA_SCALE_THRESHOLD`` (0.1, in
     ``target_param.plan``) of the mean diagonal of its Gram ``A_j A_jᵀ`` on the reference batch, over the
     input rows (``Σ|A_j|² / d_in``; the ones row of the bias left out; a grouped conv over all its groups).

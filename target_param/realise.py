@@ -52,7 +52,8 @@ from .distributed import ANCHOR, scaled
 from .functional import FunctionalAdapter, ReferenceUses
 from .layers import Adapter, FeedForwardAdapter, positional
 from .parametrization import ridge_lams
-from .recompute import Recomputation, in_backward
+from .randomness import PassRandomness
+from .recompute import Recomputation, checkpointing_off, in_backward
 from .solver import Solves, autocast_off, autocast_on, contents_version, plain_autograd
 
 __all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "frozen_running_stats", "REALISER_ATTR", "lean_max_pool"]
@@ -288,6 +289,7 @@ class Realiser:
         self.equal_inputs = {}  # per reference buffer: the last input found equal to it, and the versions then
         self.merges = 0
         self.recompute = Recomputation()  # weight reads inside a backward (activation checkpointing)
+        self.randomness = PassRandomness()  # the reference pass's own random stream
 
     def __getstate__(self):
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
@@ -374,31 +376,29 @@ class Realiser:
             self.realise()
 
     # ---------------------------------------------------------------- Algorithm 2
-    def realise(self) -> object:
+    def realise(self, replay: bool = False) -> object:
         """Run the reference pass once and replace every layer's realised weights (transactionally); returns
-        the pass's output (the model's output on the reference batch)."""
+        the pass's output (the model's output on the reference batch). ``replay``: with the random state of
+        the last pass (see ``randomness``)."""
         prev, self.phase = self.phase, REFERENCE
         inputs = self._begin()
         try:
             try:
                 modules = list(self.root.modules())  # one walk of the tree per realisation
-                if self.random is None or any(m.training and getattr(m, "p", 1.0) > 0 for m in self.random):
-                    self.recompute.keep_rng(sorted({x.device.index or 0 for x in inputs
-                                                    if isinstance(x, Tensor) and x.is_cuda}))
-                with frozen_running_stats(self.root, modules), _normal_tensors(), autocast_off(), \
-                        _own_saved_tensors(), self._uses():
+                with self._random_state(inputs, replay), frozen_running_stats(self.root, modules), \
+                        _normal_tensors(), autocast_off(), _own_saved_tensors(), checkpointing_off(), self._uses():
                     out = (self.graph_module or self.root)(*inputs)
             except SolveError as e:
                 raise (self._diagnose(self.pending) or e) from None
             except _ReadBeforeRun:
                 self.uses_mode, self.phase = True, prev  # again, with placeholders for such reads
-                return self.realise()
+                return self.realise(replay=True)
             except TargetSpaceError:
                 raise
             except Exception as e:
                 if self._retry_carefully():
                     self.phase = prev
-                    return self.realise()
+                    return self.realise(replay=True)
                 raise ReferencePassError(
                     "The model's forward raised during the reference pass (Algorithm 2, the forward on the "
                     "reference batch X̄ that realises the weights); the realised weights and the targets are "
@@ -410,10 +410,17 @@ class Realiser:
                 ) from e
             if self._finish(modules):
                 self.phase = prev
-                return self.realise()
+                return self.realise(replay=True)
         finally:
             self.phase, self.pending, self.solves, self.uses = prev, None, None, None
         return out
+
+    def _random_state(self, inputs: tuple, replay: bool) -> contextlib.AbstractContextManager:
+        """The pass draws from the model's own random stream, when anything in it may draw (see randomness)."""
+        if self.random is not None and not any(m.training and getattr(m, "p", 1.0) > 0 for m in self.random):
+            return _NO_MODE
+        devices = sorted({x.device.index or 0 for x in inputs if isinstance(x, Tensor) and x.is_cuda})
+        return self.randomness.replayed(devices) if replay else self.randomness.fresh(devices)
 
     def _uses(self) -> contextlib.AbstractContextManager:
         """The mode that solves functional units (see functional), when the model has them."""

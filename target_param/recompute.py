@@ -13,17 +13,47 @@ the same values.
   into the solves of Algorithm 3, which every layer shares, and free them. It stops at the proxies instead,
   whose ``.grad`` collects ``dL/dW``. When the outer backward ends (an engine callback) those gradients are
   sent through the solves: through the realised tensors' own graph where it is intact, else through a new
-  reference pass with the same targets, buffers and random state, which realises the same weights. The
-  target gradients equal the un-checkpointed model's (tested); the price is that extra pass and its backward.
+  reference pass with the same targets, buffers and random state (``randomness``), which realises the same
+  weights. The target gradients equal the un-checkpointed model's (tested); the price is that extra pass and
+  its backward.
+
+Checkpointing *inside* the reference pass (a model that checkpoints its own blocks: Hugging Face's
+``gradient_checkpointing_enable()``, timm's ``set_grad_checkpointing``, a hand-written ``checkpoint(block, x)``)
+is switched off for the pass (:func:`checkpointing_off`): the pass's whole graph is needed anyway, since every
+realised weight depends on the activations of the layers before it on X̄ (SCU), and a recomputation, which
+runs no solve, could not repeat the pass's saved tensors (non-reentrant), nor could a forward without a graph
+(reentrant) give the solves their cascade. The training forward's checkpoints are untouched.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
-__all__ = ["in_backward", "Recomputation"]
+__all__ = ["in_backward", "Recomputation", "checkpointing_off"]
+
+
+def _run(function, args, kwargs, **_options):
+    return function(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpointing_off():
+    """``torch.utils.checkpoint.checkpoint`` (and so ``checkpoint_sequential`` and every wrapper of it) runs its
+    function plainly for the length of the block. Every call of ``checkpoint`` goes through the module's
+    ``_checkpoint_impl`` (torch ≥ 2.6), whatever name the caller bound ``checkpoint`` to."""
+    module = torch.utils.checkpoint
+    impl = getattr(module, "_checkpoint_impl", None)
+    if impl is None:
+        yield
+        return
+    module._checkpoint_impl = _run
+    try:
+        yield
+    finally:
+        module._checkpoint_impl = impl
 
 
 def in_backward() -> bool:
@@ -32,29 +62,11 @@ def in_backward() -> bool:
 
 
 class Recomputation:
-    """The proxies handed out inside one backward, and the random state of the last reference pass."""
+    """The proxies handed out inside one backward."""
 
     def __init__(self):
         self.proxies: dict = {}  # (layer index, tensor name) -> (realised tensor, proxy)
         self.queued = False
-        self.rng: tuple | None = None  # (CPU state, {CUDA device: state}) when the pass may draw random numbers
-
-    def keep_rng(self, devices) -> None:
-        """Remember the random state a reference pass starts from, so that it can be replayed."""
-        self.rng = torch.get_rng_state(), {d: torch.cuda.get_rng_state(d) for d in devices}
-
-    @contextlib.contextmanager
-    def replayed_rng(self):
-        """The random state of the last reference pass, restored for the length of a replay."""
-        if self.rng is None:
-            yield
-            return
-        cpu, cuda = self.rng
-        with torch.random.fork_rng(devices=list(cuda)):
-            torch.set_rng_state(cpu)
-            for d, state in cuda.items():
-                torch.cuda.set_rng_state(state, d)
-            yield
 
     def tensor(self, realiser, i: int, which: str) -> Tensor:
         """Layer i's realised ``which`` for a read inside a backward: no realisation; a proxy when the read
@@ -79,7 +91,6 @@ class Recomputation:
             return
         with torch.enable_grad():
             if not realiser.graph_intact():
-                with self.replayed_rng():
-                    realiser.realise()
+                realiser.realise(replay=True)
             tensors = [realiser.realised(i, which) for (i, which), _ in pending]
             torch.autograd.backward(tensors, [g for _, g in pending])

@@ -129,6 +129,32 @@ def test_exception_inside_forward_during_conversion_is_transactional():
     assert_same_state(before, model_state(m))
 
 
+def test_failure_after_registration_rolls_back_attention_and_bare_parameter_owners(monkeypatch):
+    """The owners of functional units (nn.MultiheadAttention's projections, a module's bare Parameter used by
+    F.linear) are restored too."""
+    from target_param import realise
+
+    class Owners(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.w = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.att(x, x, x, need_weights=False)[0], self.w)
+    m = Owners()
+    before = model_state(m)
+
+    def fail(self, **kw):
+        raise tp.SolveError("injected", None)
+
+    monkeypatch.setattr(realise.Realiser, "realise", fail)
+    with pytest.raises(tp.SolveError, match="injected"):
+        tp.to_target_space(m, torch.randn(6, 5, 4))
+    assert_same_state(before, model_state(m))
+    assert not hasattr(m.att, "parametrizations") and not hasattr(m, "parametrizations")
+
+
 def test_failure_after_registration_rolls_back(monkeypatch):
     """Errors in the registration phase (here a failing final realisation) undo every change."""
     from target_param import realise
@@ -136,7 +162,7 @@ def test_failure_after_registration_rolls_back(monkeypatch):
     m = cnn()
     before = model_state(m)
 
-    def fail(self):
+    def fail(self, **kw):
         raise tp.SolveError("injected", None)
 
     monkeypatch.setattr(realise.Realiser, "realise", fail)

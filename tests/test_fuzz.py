@@ -972,6 +972,7 @@ def test_regression_deepcopy_of_converted_rnn_after_a_grad_forward():
         torch.testing.assert_close(net(x)[0], twin(x)[0])
 
 
+@pytest.mark.skipif(not SURVEY, reason="survey mode only (TP_FUZZ_SURVEY=1); otherwise each case fails itself")
 def test_zz_survey_found_no_failure():
     """Survey mode only (TP_FUZZ_SURVEY=1): fail if the survey recorded any failing case."""
     assert not FAILURES, "\n\n".join(f"{k} ({len(v)} cases), first:\n{v[0]}" for k, v in FAILURES.items())
@@ -1001,3 +1002,122 @@ print("ok")
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ checkpointing, row blocks
+class _DropBlocks(nn.Module):
+    """A stem, residual blocks with dropout, a head; ``how`` checkpoints the whole model, its blocks or nothing."""
+
+    def __init__(self, width, blocks, p):
+        super().__init__()
+        self.stem, self.head = nn.Linear(3, width), nn.Linear(width, 2)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Dropout(p))
+                                    for _ in range(blocks))
+        self.how = None
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+        h = torch.tanh(self.stem(x))
+        if self.how in ("blocks", "blocks-reentrant"):
+            for b in self.blocks:
+                h = h + checkpoint(b, h, use_reentrant=self.how == "blocks-reentrant")
+        elif self.how == "sequential":
+            h = h + checkpoint_sequential(nn.Sequential(*self.blocks), min(2, len(self.blocks)), h,
+                                          use_reentrant=False)
+        elif self.how == "chain":  # sequential's function, unchecked
+            h = h + nn.Sequential(*self.blocks)(h)
+        else:
+            for b in self.blocks:
+                h = h + b(h)
+        return self.head(h)
+
+
+@settings(max_examples=MAX_EXAMPLES // 4, **SETTINGS)
+@given(width=st.integers(2, 6), blocks=st.integers(1, 3), p=st.sampled_from([0.1, 0.3, 0.6]),
+       how=st.sampled_from(["whole", "whole-reentrant", "blocks", "blocks-reentrant", "sequential"]),
+       trace=st.booleans(), nbar=st.integers(3, 12), seed_=st.integers(0, 2**16))
+def test_fuzz_checkpointing_with_dropout_gives_the_unchecked_gradients(width, blocks, p, how, trace, nbar, seed_):
+    """Two training steps of a converted net with dropout, checkpointed in a drawn way, against its
+    un-checkpointed twin with the same random seeds: the same target gradients (float64)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(seed_)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = _DropBlocks(width, blocks, p).double()
+        net.how = "chain" if how == "sequential" else None  # (before conversion: the function fx traces)
+        base = tp.to_target_space(net, torch.randn(nbar, 3, dtype=torch.float64), lam=1e-2, init="random",
+                                  trace=trace)
+    twin = copy.deepcopy(base)
+    if how.startswith("blocks") or how == "sequential":
+        twin.how = how
+    opts = [torch.optim.SGD(m.parameters(), 0.05) for m in (base, twin)]
+    for step in range(2):
+        x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        grads = []
+        for m, opt in zip((base, twin), opts):
+            opt.zero_grad()
+            torch.manual_seed(seed_ + step)
+            whole = m is twin and how.startswith("whole")
+            out = checkpoint(m, x, use_reentrant=how == "whole-reentrant") if whole else m(x)
+            out.pow(2).sum().backward()
+            grads.append({n: q.grad.clone() for n, q in m.named_parameters()})
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-8, atol=1e-10, msg=lambda s, n=n: f"{n}: {s}")
+        for opt in opts:
+            opt.step()
+
+
+class _Blocks(nn.Module):
+    """A bare weight used in row blocks of drawn sizes, in a drawn order, optionally nested (the blocks after the
+    first sliced from ``w[s0:]``), each block on its own affine function of the hidden layer."""
+
+    def __init__(self, sizes, order, nested):
+        super().__init__()
+        self.pre = nn.Linear(3, 4)
+        self.w = nn.Parameter(torch.randn(sum(sizes), 4) * 0.5)
+        self.b = nn.Parameter(torch.randn(sum(sizes)) * 0.1)
+        self.sizes, self.order, self.nested = sizes, order, nested
+
+    def forward(self, x):
+        h = torch.tanh(self.pre(x))
+        w, b, base, parts = self.w, self.b, 0, []
+        if self.nested:
+            parts.append((w[:self.sizes[0]], b[:self.sizes[0]]))
+            w, b, base = w[self.sizes[0]:], b[self.sizes[0]:], self.sizes[0]
+        r = sum(self.sizes[:len(parts)]) - base
+        for s in self.sizes[len(parts):]:
+            parts.append((w[r:r + s], b[r:r + s]))
+            r += s
+        outs = [None] * len(parts)
+        for k in self.order:
+            outs[k] = F.linear(h * (k + 1) + k, *parts[k])
+        return torch.cat(outs, -1)
+
+
+@settings(max_examples=MAX_EXAMPLES // 4, **SETTINGS)
+@given(data=st.data(), trace=st.booleans(), nested=st.booleans())
+def test_fuzz_row_blocks_in_any_order_keep_the_function_and_solve_eq6(data, trace, nested):
+    sizes = data.draw(st.lists(st.integers(1, 3), min_size=2, max_size=4), label="sizes")
+    order = data.draw(st.permutations(range(len(sizes))), label="order")
+    torch.manual_seed(0)
+    model = _Blocks(sizes, order, nested).double()
+    ref = torch.randn(30, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = model(ref)
+    lam = 1e-9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.WeightSpaceWarning)
+        tp.to_target_space(model, ref, lam=lam, trace=trace)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref), y0, rtol=1e-7, atol=1e-8)
+        h = torch.tanh(F.linear(ref, model.pre.weight, model.pre.bias))
+        r = 0
+        for k, s in enumerate(sizes):
+            t = getattr(model.parametrizations.w, "original" + (str(k) if k else ""))
+            a = torch.cat([h * (k + 1) + k, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+            want = torch.linalg.solve(a.T @ a + lam * torch.eye(5, dtype=h.dtype), a.T @ t).T
+            torch.testing.assert_close(torch.cat([model.w[r:r + s], model.b[r:r + s, None]], 1), want,
+                                       rtol=1e-7, atol=1e-9)
+            r += s

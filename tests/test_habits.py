@@ -458,9 +458,9 @@ def _realisations_in_backward(monkeypatch) -> list:
     log, flushing = [], []
     real, flush = realise_module.Realiser.realise, Recomputation.flush
 
-    def spy(self):
+    def spy(self, **kw):
         log.append((in_backward(), bool(flushing)))
-        return real(self)
+        return real(self, **kw)
 
     def spy_flush(self, realiser):
         flushing.append(1)
@@ -474,15 +474,18 @@ def _realisations_in_backward(monkeypatch) -> list:
     return log
 
 
+@pytest.mark.parametrize("trace", [True, False], ids=["fx", "hooks"])
 @pytest.mark.parametrize("drop", [0.0, 0.3])
 @pytest.mark.parametrize("how", CHECKPOINTS)
-def test_checkpointed_blocks_give_the_unchecked_gradients(how, drop, monkeypatch):
+def test_checkpointed_blocks_give_the_unchecked_gradients(how, drop, trace, monkeypatch):
     """Gradients and three Adam steps equal the un-checkpointed model's (float64; dropout in the reference pass
     too), and no realisation runs during recomputation: non-reentrant checkpointing realises nothing in the
-    backward; reentrant checkpointing replays the reference pass once, after the backward's recomputations."""
+    backward; reentrant checkpointing replays the reference pass once, after the backward's recomputations.
+    On the hook path the reference pass runs the model's own forward, checkpoint calls included: they run
+    plainly there (``recompute.checkpointing_off``)."""
     torch.manual_seed(7)
     ref = torch.randn(40, 5, dtype=DT)
-    base = convert(Checkpointed(drop).double(), ref, init="random")
+    base = convert(Checkpointed(drop).double(), ref, init="random", trace=trace)
     ck = copy.deepcopy(base)
     ck.how = how
     log = _realisations_in_backward(monkeypatch)
@@ -504,16 +507,52 @@ def test_checkpointed_blocks_give_the_unchecked_gradients(how, drop, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("how", ["reentrant", "sequential-reentrant"])
+def test_reentrant_checkpointing_with_retain_graph_replays_nothing(how, monkeypatch):
+    """With ``retain_graph=True`` the realised weights' graph is intact when the backward ends, so the flush
+    sends the proxies' gradients through it: no reference pass is replayed, and the gradients are exact."""
+    torch.manual_seed(7)
+    ref = torch.randn(40, 5, dtype=DT)
+    base = convert(Checkpointed(0.3).double(), ref, init="random")
+    ck = copy.deepcopy(base)
+    ck.how = how
+    log = _realisations_in_backward(monkeypatch)
+    x = torch.randn(7, 5, dtype=DT)
+    grads = []
+    for m in (base, ck):
+        torch.manual_seed(100)
+        log.clear()
+        m(x).pow(2).sum().backward(retain_graph=True)
+        grads.append(grads_of(m))
+        assert [inside for inside, _ in log] == [False]  # the forward's realisation only
+    assert_close_dicts(*grads, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("trace", [True, False], ids=["fx", "hooks"])
+@pytest.mark.parametrize("drop", [0.0, 0.3])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpointing_the_whole_converted_model(reentrant):
+def test_checkpointing_the_whole_converted_model(reentrant, drop, trace):
+    """``checkpoint(model, x)`` gives the un-checkpointed gradients, with dropout too: the reference pass draws
+    from the model's own random stream, so the forward's dropout masks are those checkpoint replays. One
+    realisation per step; reentrant checkpointing adds the replay of its flush (see recompute)."""
     torch.manual_seed(8)
     ref = torch.randn(30, 5, dtype=DT)
-    base = convert(Checkpointed().double(), ref, init="random")
+    base = convert(Checkpointed(drop).double(), ref, init="random", trace=trace)
     ck = copy.deepcopy(base)
-    x = torch.randn(6, 5, dtype=DT, requires_grad=True)  # (reentrant: an output with a graph needs an input with one)
-    base(x).sum().backward()
-    checkpoint(ck, x, use_reentrant=reentrant).sum().backward()
-    assert_close_dicts(grads_of(base), grads_of(ck))
+    opts = [torch.optim.SGD(m.parameters(), 1e-2) for m in (base, ck)]
+    for step in range(2):
+        x = torch.randn(6, 5, dtype=DT, requires_grad=True)  # (reentrant: a graph out needs a graph in)
+        counts = []
+        for m, opt in zip((base, ck), opts):
+            opt.zero_grad()
+            torch.manual_seed(50 + step)
+            n = tp.realisations(m)
+            (m(x) if m is base else checkpoint(m, x, use_reentrant=reentrant)).pow(2).sum().backward()
+            counts.append(tp.realisations(m) - n)
+        assert counts == [1, 1 + reentrant]
+        assert_close_dicts(grads_of(base), grads_of(ck))
+        for opt in opts:
+            opt.step()
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -281,6 +281,27 @@ def test_relative_lambda_is_lam_times_the_mean_diagonal_at_conversion():
     assert max(lams) / min(lams) > 1e3  # the layers' scales differ: one λ would not suit them all
 
 
+def test_relative_lambda_with_max_positions_is_measured_on_the_chosen_columns():
+    """With the approximate option a conv is solved on a fixed subset of its patch columns; its λ_j is lam ×
+    the mean diagonal of the Gram over those columns only."""
+    torch.manual_seed(0)
+    model = ConvNet().to(DT)
+    original = copy.deepcopy(model)
+    ref = torch.randn(12, 3, 8, 7, generator=torch.Generator().manual_seed(1), dtype=DT)
+    convert(model, ref, lam=1e-3, lam_mode="relative", init="random", max_positions=20)
+    a_in = inputs_of(original, CONV_LAYERS, ref)
+    subsets = 0
+    for name in ("c1", "c2", "c3"):
+        param = model.get_submodule(name).parametrizations.weight[0]
+        a = layer_a(original.get_submodule(name), a_in[name])
+        positions = getattr(param, "positions", None)
+        if positions is not None:
+            assert len(positions) == 20 < a.shape[2]
+            a, subsets = a[:, :, positions], subsets + 1
+        assert lam_of(model, name).item() == pytest.approx(1e-3 * mean_diagonal(a), rel=1e-10), name
+    assert subsets == 3
+
+
 def test_eq6_with_per_layer_lambda_linear_and_conv():
     """Realised weights = T_j A_jᵀ(A_jA_jᵀ + λ_j I)⁻¹ on each layer's real input in the reference pass (SCU),
     with λ_j read from the layer's buffer."""
