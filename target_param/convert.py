@@ -197,8 +197,14 @@ def _check_reference(model: nn.Module, inputs: tuple) -> None:
                 )
 
 
-def _select(model: nn.Module, filter_fn: Callable | None, held: dict) -> list[tuple[str, nn.Module]]:
-    """The selected layers; ``held``: ``functional.owners(model)``, to refuse tied weights by identity."""
+FROZEN_REASON = ("frozen (requires_grad=False): a frozen target is not a frozen weight, W = T·A^‡ would move "
+                 "with the layers before it, so the layer keeps its weight")
+
+
+def _select(model: nn.Module, filter_fn: Callable | None, held: dict,
+            frozen: dict | None = None) -> list[tuple[str, nn.Module]]:
+    """The selected layers; ``held``: ``functional.owners(model)``, to refuse tied weights by identity.
+    ``frozen``: where the layers whose parameters are all frozen are recorded (name → reason), left out."""
     chosen = []
     for name, m in model.named_modules():
         if not is_candidate(m) or (filter_fn is not None and not filter_fn(m, name)):
@@ -227,6 +233,10 @@ def _select(model: nn.Module, filter_fn: Callable | None, held: dict) -> list[tu
                 layer=name,
                 type=type(m).__name__,
             )
+        if frozen is not None and not all(m._parameters[n].requires_grad
+                                          for n in getattr(m, "_flat_weights_names", ["weight"])):
+            frozen[name] = FROZEN_REASON
+            continue
         for attr, p in m._parameters.items():
             where = held.get(id(p), []) if p is not None else []
             if len(where) > 1:
@@ -428,7 +438,8 @@ def _plan_here(model, ref_batch, filter_fn, trace) -> tuple[tuple, Plan]:
     inputs = _as_inputs(ref_batch)
     _check_reference(model, inputs)
     held = owners(model)
-    chosen = _select(model, filter_fn, held)
+    frozen: dict = {}
+    chosen = _select(model, filter_fn, held, frozen)
     bare = bare_candidates(model, chosen, filter_fn, held)
     if not chosen and not bare:
         raise NoEligibleLayerError(
@@ -438,6 +449,7 @@ def _plan_here(model, ref_batch, filter_fn, trace) -> tuple[tuple, Plan]:
             model=type(model).__name__,
         )
     plan = make_plan(model, inputs, chosen, trace=trace, bare=bare)
+    plan.skipped = {**frozen, **plan.skipped}
     if not plan.layers:
         raise NoEligibleLayerError(
             "No layer to convert: no nn.Linear / nn.Conv1d/2d/3d / nn.RNN was selected, and no bare Parameter "
@@ -446,7 +458,7 @@ def _plan_here(model, ref_batch, filter_fn, trace) -> tuple[tuple, Plan]:
             model=type(model).__name__,
         )
     if plan.skipped:
-        warnings.warn("Bare tensors used as the weight of F.linear / F.conv* stay in weight space:\n"
+        warnings.warn("These linear maps stay in weight space (tp.explain lists them too):\n"
                       + "\n".join(f"{n}: {why}" for n, why in plan.skipped.items()), WeightSpaceWarning, stacklevel=3)
     for pl in plan.layers:
         if pl.calls > 1:

@@ -426,7 +426,8 @@ def owners(model: nn.Module) -> dict[int, list[tuple[str, str, Tensor, nn.Module
 
 def bare_candidates(model: nn.Module, chosen: list[tuple[str, nn.Module]], filter_fn, held: dict) -> dict:
     """The bare Parameters that may be solved at their uses: floating, not held by a Linear/Conv/recurrent
-    module nor by another module (tied), not parametrized, selected by ``filter_fn(owner, qualified name)``.
+    module nor by another module (tied), not parametrized, selected by ``filter_fn(owner, qualified name)``,
+    trainable (a frozen target is not a frozen weight).
     ``held``: ``owners(model)``. id → (owner name, attribute, Parameter, owner)."""
     out = {}
     for pid, where in held.items():
@@ -436,6 +437,8 @@ def bare_candidates(model: nn.Module, chosen: list[tuple[str, nn.Module]], filte
             continue
         qualified = f"{name}.{attr}" if name else attr
         if filter_fn is not None and not filter_fn(m, qualified):
+            continue
+        if not p.requires_grad:
             continue
         out[pid] = (name, attr, p, m)
     return out

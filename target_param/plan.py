@@ -150,7 +150,7 @@ class Plan:
     graph_module: fx.GraphModule | None = None  # the traced (and rewritten) graph, run by the reference pass
     options: dict = field(default_factory=dict)
     uses_mode: bool = False  # the reference pass needs functional.ReferenceUses (functional units, or reads)
-    skipped: dict = field(default_factory=dict)  # bare tensors used by F.linear/F.conv* left in weight space
+    skipped: dict = field(default_factory=dict)  # name → why: linear maps left in weight space (frozen, bare uses)
 
     def __str__(self) -> str:
         head = ("layer", "kind", "d_in(+1)", "columns", "solve", "rank", "λ/diag", "target shape", "targets",
@@ -180,6 +180,9 @@ class Plan:
         deficient = [pl.name for pl in self.layers if not pl.stats()["full_rank"]]
         if deficient:
             lines.append(f"rank-deficient (n̄ × positions < d_in + 1; raise n̄ to fix): {', '.join(deficient)}")
+        if self.skipped:
+            lines.append("left in weight space:")
+            lines += [f"  {n}: {why}" for n, why in self.skipped.items()]
         large = [pl.name for pl in self.layers if too_large(pl.stats()["lam_ratio"])]
         if large:
             lines.append(f"λ > {LAMBDA_SCALE_THRESHOLD:g} × mean diagonal of AAᵀ (!: the ridge shrinks the "

@@ -286,6 +286,7 @@ class Realiser:
         self.phase = IDLE
         self.depth = 0
         self.inline = False  # the root's own forward is the reference pass (see root_pre_hook)
+        self.inline_checkpoints = None  # checkpointing_off() for the length of an inline pass
         self.equal_inputs = {}  # per reference buffer: the last input found equal to it, and the versions then
         self.merges = 0
         self.recompute = Recomputation()  # weight reads inside a backward (activation checkpointing)
@@ -295,7 +296,7 @@ class Realiser:
         # Realised tensors carry autograd graphs and are recomputed on demand: never copy or pickle them.
         state = dict(self.__dict__)
         state.update(cache=None, pending=None, capture=None, key=None, phase=IDLE, depth=0,
-                     solves=None, inline=False, equal_inputs={}, recompute=Recomputation(), uses=None, joined={})
+                     solves=None, inline=False, inline_checkpoints=None, equal_inputs={}, recompute=Recomputation(), uses=None, joined={})
         return state
 
     def __setstate__(self, state):
@@ -599,6 +600,8 @@ class Realiser:
                 # and 2 share one forward pass); root_done_hook ends it.
                 self._begin()
                 self.phase, self.inline = REFERENCE, True
+                self.inline_checkpoints = checkpointing_off()  # (the pass's own graph is kept whole; see recompute)
+                self.inline_checkpoints.__enter__()
                 return None
             self.realise()
         else:
@@ -612,7 +615,7 @@ class Realiser:
         inline reference pass, so that later forward hooks see an ordinary forward."""
         if not self.inline or self.depth:
             return None
-        self.inline = False
+        self._end_inline()
         try:
             repeat = self._finish(list(self.root.modules()))
         except SolveError as e:
@@ -634,11 +637,17 @@ class Realiser:
             self.depth -= 1
             return None
         if self.inline:  # the forward raised during an inline reference pass: nothing was realised
-            self.inline = False
+            self._end_inline()
             if not self.careful:
                 self._retry_carefully()  # a failed factor makes later passes careful
         self.phase, self.pending, self.solves = IDLE, None, None
         return None
+
+    def _end_inline(self) -> None:
+        self.inline = False
+        checkpoints, self.inline_checkpoints = self.inline_checkpoints, None
+        if checkpoints is not None:
+            checkpoints.__exit__(None, None, None)
 
     def is_reference_call(self, args: tuple, kwargs: dict) -> bool:
         """Whether the root is called on exactly its reference batch, with SCU, nothing random in its fx

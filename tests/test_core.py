@@ -249,6 +249,49 @@ def test_batchnorm_stats_untouched_and_mode_restored():
     assert m.bn.num_batches_tracked.item() == 1
 
 
+def test_a_mode_switch_alone_realises_again():
+    """Realised under no_grad in train mode (dropout active in the reference pass), then switched to eval with
+    nothing else changed (no parameter, no buffer): the next gradient-free forward realises again, without
+    dropout, and equals a plain copy made in eval mode."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+    ref, x = torch.randn(20, 4), torch.randn(3, 4)
+    tp.to_target_space(m, ref, lam=0.1)
+    with torch.no_grad():
+        m(x)
+        n = tp.realisations(m)
+        m.eval()
+        y = m(x)
+    assert tp.realisations(m) == n + 1
+    plain = tp.to_weight_space(copy.deepcopy(m))
+    with torch.no_grad():
+        torch.testing.assert_close(y, plain(x))
+
+
+def test_the_pass_stream_follows_the_seed_and_leaves_the_global_stream_alone():
+    """With dropout active, the reference pass draws from the model's own stream, seeded from torch's at
+    conversion: the same seed realises the same weights, another seed others; and the global stream is where
+    it would be without the pass (a forward's own dropout is the plain model's)."""
+    def realised(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+        torch.manual_seed(seed)
+        tp.to_target_space(m, torch.randn(20, 4), lam=0.1)
+        with torch.no_grad():
+            return m, m[3].weight.clone()
+    (m, a), (_, b), (_, c) = realised(1), realised(1), realised(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    plain = tp.to_weight_space(copy.deepcopy(m))
+    x = torch.randn(5, 4)
+    torch.manual_seed(3)
+    y = m(x)  # realises (train mode, a training forward), then the forward's own dropout
+    with torch.no_grad():
+        plain[0].weight.copy_(m[0].weight), plain[0].bias.copy_(m[0].bias)
+        plain[3].weight.copy_(m[3].weight), plain[3].bias.copy_(m[3].bias)
+    torch.manual_seed(3)
+    torch.testing.assert_close(y, plain(x))
+
+
 def test_dropout_follows_model_mode_in_reference_pass():
     """Eval: the reference pass skips dropout, so realisation after realisation gives the same weights, those
     of eq. 6 solved (``ridge``) on the dropout-free input. Train: it drops (footnote 6), so they differ."""

@@ -507,6 +507,22 @@ def test_checkpointed_blocks_give_the_unchecked_gradients(how, drop, trace, monk
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("how", CHECKPOINTS)
+def test_checkpointed_blocks_in_full_batch_training(how):
+    """X = X̄ (full-batch training): the training forward is the reference pass (fx path), and the blocks'
+    checkpoints run plainly inside it, so their recomputation has nothing to repeat; the gradients are the
+    unchecked model's."""
+    torch.manual_seed(7)
+    ref = torch.randn(40, 5, dtype=DT)
+    base = convert(Checkpointed().double(), ref, init="random")
+    ck = copy.deepcopy(base)
+    ck.how = how
+    for m in (base, ck):
+        m(ref.clone()).pow(2).sum().backward()
+    assert tp.realisations(ck) == tp.realisations(base)
+    assert_close_dicts(grads_of(base), grads_of(ck), rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("how", ["reentrant", "sequential-reentrant"])
 def test_reentrant_checkpointing_with_retain_graph_replays_nothing(how, monkeypatch):
     """With ``retain_graph=True`` the realised weights' graph is intact when the backward ends, so the flush
