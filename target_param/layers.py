@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,8 @@ from .gram import shift_gram
 from .solver import (FactorCache, Solves, full_precision, handed_out, plain_autograd, regrad, ridge_autograd,
                      ridge_solve, solve_dtype, solve_with, still_unchanged, unsharded, with_ones)
 
-__all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "ConvAdapter", "ConvTransposeAdapter", "adapter_for",
-           "is_candidate",
-           "SUPPORTED", "CANDIDATES"]
+__all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter",
+           "ConvTransposeAdapter", "adapter_for", "is_candidate", "layer_types", "SUPPORTED", "CANDIDATES"]
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
              nn.RNN)
@@ -194,6 +194,34 @@ class LinearAdapter(FeedForwardAdapter):
         """nn.Linear's weight (o, d) and bias (o,), as ``ridge_solve`` returns them with ``split``."""
         w, b = wt
         return (w if w.dtype == dtype else w.to(dtype)), (b if b is None or b.dtype == dtype else b.to(dtype))
+
+
+class TransposedLinearAdapter(LinearAdapter):
+    """A Linear whose weight is stored transposed, (d_in, d_out): Hugging Face transformers' ``Conv1D``
+    (GPT-2 and its kin), whose forward is ``torch.addmm(bias, x, W)``. Solved as a Linear; the realised weight
+    is handed out as the transposed view of the solved ``W[0:j]``."""
+
+    kind = "Conv1D"
+
+    def __init__(self, module: nn.Module):
+        FeedForwardAdapter.__init__(self, module)
+        self.in_features, self.out_features = module.weight.shape
+        self.weight_shape = tuple(module.weight.shape)
+
+    def assemble(self, wt, dtype):
+        w, b = super().assemble(wt, dtype)
+        return w.mT, b
+
+
+def _hf_conv1d() -> tuple:
+    """transformers' Conv1D class, when transformers is imported (a model cannot hold one otherwise)."""
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (cls,) if isinstance(cls, type) else ()
+
+
+def layer_types() -> tuple:
+    """The layer classes solved as a whole (fx leaves): ``SUPPORTED`` and transformers' Conv1D."""
+    return SUPPORTED + _hf_conv1d()
 
 
 class ConvAdapter(FeedForwardAdapter):
@@ -566,6 +594,9 @@ def _plain(module: nn.Module) -> bool:
     """True when the module computes with its weight exactly as its torch base class does."""
     if type(module) in (nn.LSTM, nn.GRU) or isinstance(module, nn.RNNCellBase):
         return False
+    for base in _hf_conv1d():
+        if isinstance(module, base):
+            return type(module).forward is base.forward
     for base in SUPPORTED:
         if isinstance(module, base):
             cls = type(module)
@@ -591,13 +622,15 @@ def positional(forward, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
 
 def is_candidate(module: nn.Module) -> bool:
     """Linear/Conv/recurrent modules (subclasses included) that a user may want converted."""
-    return isinstance(module, CANDIDATES)
+    return isinstance(module, CANDIDATES + _hf_conv1d())
 
 
 def adapter_for(module: nn.Module) -> Adapter | None:
     """The adapter of a convertible layer, or None when its class changes how the weight is used."""
     if not _plain(module):
         return None
+    if isinstance(module, _hf_conv1d()):
+        return TransposedLinearAdapter(module)
     if isinstance(module, nn.Linear):
         return LinearAdapter(module)
     if isinstance(module, nn.RNN):

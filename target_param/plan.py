@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import FunctionalWeightUseError, ReferenceBatchError, TargetSpaceError, TraceFallbackWarning
 from .functional import FunctionalAdapter, Recorder
-from .layers import SUPPORTED, ConvAdapter, FeedForwardAdapter, adapter_for, positional
+from .layers import ConvAdapter, FeedForwardAdapter, adapter_for, layer_types, positional
 from .solver import uses_dual
 
 __all__ = ["Plan", "PlannedLayer", "make_plan", "display_name", "lam_ratio", "too_large", "LAMBDA_SCALE_THRESHOLD"]
@@ -210,7 +210,7 @@ class _Tracer(fx.Tracer):
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
-    tracer = _Tracer(SUPPORTED)
+    tracer = _Tracer(layer_types())
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__ + "Reference")
     # GraphModule copies each get_attr's tensor onto a stub module; the graph must read the owner itself,
@@ -328,7 +328,7 @@ def make_plan(model: nn.Module, inputs: tuple, chosen: list[tuple[str, nn.Module
     devices = sorted({x.device.index or 0 for x in inputs if isinstance(x, Tensor) and x.is_cuda})
     rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])  # same dropout in every run
     gm, reason = None, None
-    if isinstance(model, SUPPORTED):
+    if isinstance(model, layer_types()):
         trace, reason = False, "the model is a single layer"
     if trace:
         try:

@@ -33,14 +33,20 @@ def bert():
         max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.1))
 
 
-MODELS = {"llama": llama, "bert": bert}
+def gpt2():
+    return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, num_labels=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1))
+
+
+MODELS = {"llama": llama, "bert": bert, "gpt2": gpt2}
 
 
 def converted(make, mode="train", lam=1e-3):
     torch.manual_seed(0)
     model = make().to(DT)
     getattr(model, mode)()
-    ref = torch.randint(1, VOCAB, (6, 8))
+    ref = torch.randint(1, VOCAB, (12, 8))  # 96 columns: every layer's Gram full rank (d_in + 1 ≤ 65)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         original = copy.deepcopy(model)
@@ -54,11 +60,57 @@ def logits(model, ids):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_conversion_keeps_the_function_and_converts_every_linear_layer(name):
-    model, original, ref = converted(MODELS[name], mode="eval", lam=1e-12)
-    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not tp.is_target_space(m)]
+    # (λ = 1e-8: GPT-2's inputs after LayerNorm are centred, so A has a null row combination and a smaller λ
+    # loses float64 digits in the near-singular solve)
+    model, original, ref = converted(MODELS[name], mode="eval", lam=1e-8)
+    maps = (nn.Linear, transformers.pytorch_utils.Conv1D)
+    left = [n for n, m in model.named_modules() if isinstance(m, maps) and not tp.is_target_space(m)]
     assert not left, left
     with torch.no_grad():
-        torch.testing.assert_close(logits(model, ref), logits(original, ref), rtol=1e-6, atol=1e-7)
+        y, want = logits(model, ref), logits(original, ref)
+    assert ((y - want).norm() / want.norm()).item() < 5e-6
+
+
+@pytest.mark.parametrize("name,layer", [("llama", "model.layers.1.mlp.down_proj"),
+                                        ("bert", "bert.encoder.layer.1.output.dense"),
+                                        ("gpt2", "transformer.h.1.mlp.c_proj")])
+def test_eq6_at_one_layer_on_the_input_of_its_call(name, layer):
+    """``[W b] = T Aᵀ(AAᵀ + λI)⁻¹`` in float64, with ``A`` the input the layer received in the reference pass
+    (a forward pre-hook's first call); GPT-2's Conv1D stores ``W`` transposed, (d_in, d_out)."""
+    lam = 1e-3
+    model, _, ref = converted(MODELS[name], mode="eval", lam=lam)
+    module, seen = model.get_submodule(layer), {}
+    handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("a", args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ref)
+    handle.remove()
+    a = seen["a"].reshape(-1, seen["a"].shape[-1])
+    t = module.parametrizations.weight.original.detach()
+    t = t.reshape(-1, t.shape[-1])
+    if module.bias is not None:
+        a = torch.cat([a, torch.ones(len(a), 1, dtype=DT)], 1)
+    want = torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1], dtype=DT), a.T @ t).T
+    w = module.weight.detach()
+    w = w.T if isinstance(module, transformers.pytorch_utils.Conv1D) else w
+    got = w if module.bias is None else torch.cat([w, module.bias.detach()[:, None]], 1)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_gpt2_lm_head_is_refused_for_its_tie_and_converts_with_the_way_out():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                     bos_token_id=1, eos_token_id=1)
+    model, ref = transformers.GPT2LMHeadModel(config), torch.randint(1, VOCAB, (12, 8))
+    with pytest.raises(tp.LayerReusedError, match=r"'lm_head'[\s\S]*filter_fn"):
+        tp.to_target_space(model, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(model, ref, filter_fn=lambda m, n: n != "lm_head")
+    conv1d = [m for m in model.modules() if isinstance(m, transformers.pytorch_utils.Conv1D)]
+    assert len(conv1d) == 4 and all(tp.is_target_space(m) for m in conv1d)
+    model(ref).logits.sum().backward()
+    plain = tp.to_weight_space(model)
+    assert all(type(m) is transformers.pytorch_utils.Conv1D for m in conv1d) and "lm_head.weight" in plain.state_dict()
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
