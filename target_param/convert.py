@@ -27,15 +27,18 @@ from .errors import (
     ReferenceBatchError,
     ShardError,
     UnsupportedLayerError,
+    excluding,
 )
 from .distributed import ANCHOR, LAYOUTS, Shards, anchor_for
 from .functional import FunctionalAdapter, bare_candidates, owners, register_units
-from .layers import ConvAdapter, adapter_for, is_candidate
+from .adapters import adapter_for, is_candidate
+from .layers import ConvAdapter
 from .recurrent import RNNAdapter
 from .solver import solve_dtype
 from .parametrization import TargetParametrization, install
 from .plan import LAMBDA_SCALE_THRESHOLD, Plan, PlannedLayer, lam_ratio, make_plan, too_large
-from .realise import REALISER_ATTR, ConvertedLayer, Realiser, reused_error
+from .realise import ConvertedLayer, Realiser, reused_error
+from .registry import REALISER_ATTR, realisers
 
 __all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", "realisers"]
 
@@ -47,25 +50,6 @@ REFERENCE_BUFFER = "target_space_reference"
 
 
 # ------------------------------------------------------------------------------------------ queries
-def realisers(model: nn.Module) -> list[Realiser]:
-    """The realisation engines (:class:`~target_param.realise.Realiser`) of every converted (sub)module of
-    ``model``.
-
-    Args:
-        model: any module.
-
-    Returns:
-        One engine per converted root, in module order (empty for a plain model).
-
-    Example:
-        >>> import torch, target_param as tp
-        >>> net = tp.to_target_space(torch.nn.Linear(3, 2), torch.randn(8, 3))
-        >>> [layer.name for layer in tp.convert.realisers(net)[0].layers]
-        ['Linear']
-    """
-    return [m.__dict__[REALISER_ATTR] for m in model.modules() if REALISER_ATTR in m.__dict__]
-
-
 def is_target_space(model: nn.Module) -> bool:
     """Whether ``model`` or any of its submodules has been converted by :func:`to_target_space`.
 
@@ -205,7 +189,7 @@ def _select(model: nn.Module, filter_fn: Callable | None, held: dict,
             frozen: dict | None = None) -> list[tuple[str, nn.Module]]:
     """The selected layers; ``held``: ``functional.owners(model)``, to refuse tied weights by identity.
     ``frozen``: where the layers whose parameters are all frozen are recorded (name → reason), left out."""
-    chosen = []
+    chosen, tied = [], {}
     for name, m in model.named_modules():
         if not is_candidate(m) or (filter_fn is not None and not filter_fn(m, name)):
             continue
@@ -240,16 +224,18 @@ def _select(model: nn.Module, filter_fn: Callable | None, held: dict,
         for attr, p in m._parameters.items():
             where = held.get(id(p), []) if p is not None else []
             if len(where) > 1:
-                raise LayerReusedError(
-                    f"Layer '{name}': its {attr} is one Parameter with "
-                    + ", ".join(f"'{n}.{a}'" if n else f"'{a}'" for n, a, _, _ in where if (n, a) != (name, attr))
-                    + " (tied or shared weights); its uses have different inputs, so W = T·A^‡ (eq. 6) is not "
-                    "one solve.",
-                    "Exclude it with filter_fn=lambda module, name: name != '%s' (it then stays in weight space, "
-                    "tied as before)." % name,
-                    layer=name, parameter=attr,
-                )
-        chosen.append((name, m))
+                tied[name] = f"its {attr} is one Parameter with " + ", ".join(
+                    f"'{n}.{a}'" if n else f"'{a}'" for n, a, _, _ in where if (n, a) != (name, attr))
+                break
+        else:
+            chosen.append((name, m))
+    if tied:
+        raise LayerReusedError(
+            "Tied or shared weights: " + "; ".join(f"layer '{n}': {why}" for n, why in tied.items())
+            + ". Their uses have different inputs, so W = T·A^‡ (eq. 6) is not one solve.",
+            f"Exclude them with filter_fn={excluding(tied)} (they then stay in weight space, tied as before).",
+            layers=list(tied),
+        )
     return chosen
 
 
@@ -460,9 +446,9 @@ def _plan_here(model, ref_batch, filter_fn, trace) -> tuple[tuple, Plan]:
     if plan.skipped:
         warnings.warn("These linear maps stay in weight space (tp.explain lists them too):\n"
                       + "\n".join(f"{n}: {why}" for n, why in plan.skipped.items()), WeightSpaceWarning, stacklevel=3)
-    for pl in plan.layers:
-        if pl.calls > 1:
-            raise reused_error(pl.name, pl.calls)
+    reused = {pl.name: pl.calls for pl in plan.layers if pl.calls > 1}
+    if reused:
+        raise reused_error(reused)
     unused = [pl.name for pl in plan.layers if pl.calls == 0]
     if unused:
         warnings.warn(f"Layers not run on the reference batch stay in weight space: {unused}", WeightSpaceWarning,

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import ShardError
+from .registry import REALISER_ATTR, realisers
 
 __all__ = ["Shards", "CHECK_TIMEOUT", "scaled", "anchor_for", "gather_state_dict", "sharded_names"]
 
@@ -327,8 +328,6 @@ def sharded_names(model: nn.Module) -> list[str]:
 
 
 def _sharded_root(m: nn.Module) -> bool:
-    from .realise import REALISER_ATTR
-
     r = m.__dict__.get(REALISER_ATTR)
     return r is not None and r.shards is not None
 
@@ -357,7 +356,6 @@ def gather_state_dict(model: nn.Module, dst: int = 0) -> dict[str, Tensor] | Non
         if dist.get_rank() == 0:
             torch.save(state, "full.pt")  # loads into tp.to_target_space(copy, full_reference)
     """
-    from .convert import realisers
     from .errors import NotConvertedError
 
     if isinstance(model, nn.parallel.DistributedDataParallel):

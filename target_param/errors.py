@@ -39,6 +39,14 @@ def format_message(rule: str, way_out: str | None = None, **values) -> str:
     return "\n".join(lines)
 
 
+def excluding(names) -> str:
+    """The ``filter_fn`` that leaves the layers ``names`` out, as a user would write it (for error messages)."""
+    names = list(names)
+    if len(names) == 1:
+        return "lambda module, name: name != '%s'" % names[0]
+    return "lambda module, name: name not in {%s}" % ", ".join(repr(n) for n in names)
+
+
 class TargetSpaceError(Exception):
     """Base class of every error raised by target_param."""
 

@@ -52,7 +52,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.nn.utils import parametrize
 
 from .errors import FunctionalWeightUseError
-from .layers import Adapter, adapter_for, is_candidate
+from .adapters import adapter_for, is_candidate
+from .layers import Adapter
 from .parametrization import TargetParametrization, install
 
 __all__ = ["FunctionalAdapter", "Recorder", "ReferenceUses", "LINEAR", "CONVS", "op_name", "owners",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +36,8 @@ from .solver import (FactorCache, Solves, full_precision, handed_out, plain_auto
                      ridge_solve, solve_dtype, solve_with, still_unchanged, unsharded, with_ones)
 
 __all__ = ["Adapter", "FeedForwardAdapter", "LinearAdapter", "TransposedLinearAdapter", "ConvAdapter",
-           "ConvTransposeAdapter", "adapter_for", "is_candidate", "layer_types", "SUPPORTED", "CANDIDATES"]
+           "ConvTransposeAdapter", "positional"]
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-             nn.RNN)
-# Also offered to filter_fn, so that the user hears why they are refused.
-CANDIDATES = SUPPORTED + (nn.RNNBase, nn.RNNCellBase)
 
 
 class Adapter:
@@ -211,17 +206,6 @@ class TransposedLinearAdapter(LinearAdapter):
     def assemble(self, wt, dtype):
         w, b = super().assemble(wt, dtype)
         return w.mT, b
-
-
-def _hf_conv1d() -> tuple:
-    """transformers' Conv1D class, when transformers is imported (a model cannot hold one otherwise)."""
-    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return (cls,) if isinstance(cls, type) else ()
-
-
-def layer_types() -> tuple:
-    """The layer classes solved as a whole (fx leaves): ``SUPPORTED`` and transformers' Conv1D."""
-    return SUPPORTED + _hf_conv1d()
 
 
 class ConvAdapter(FeedForwardAdapter):
@@ -590,27 +574,6 @@ class ConvTransposeAdapter(FeedForwardAdapter):
 _CONV_MODULE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def _plain(module: nn.Module) -> bool:
-    """True when the module computes with its weight exactly as its torch base class does."""
-    if type(module) in (nn.LSTM, nn.GRU) or isinstance(module, nn.RNNCellBase):
-        return False
-    for base in _hf_conv1d():
-        if isinstance(module, base):
-            return type(module).forward is base.forward
-    for base in SUPPORTED:
-        if isinstance(module, base):
-            cls = type(module)
-            same_forward = cls.forward is base.forward or _is_plain_linear_forward(cls)
-            same_conv = not hasattr(base, "_conv_forward") or cls._conv_forward is base._conv_forward
-            return same_forward and same_conv
-    return False
-
-
-def _is_plain_linear_forward(cls) -> bool:
-    # timm.layers.Linear re-implements Linear.forward as F.linear(x, weight, bias) (for torchscript).
-    return cls.__module__.startswith("timm.layers") and cls.__name__ == "Linear"
-
-
 def positional(forward, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
     """The arguments of a call ``forward(module, *args, **kwargs)`` as positional ones (adapters read them so:
     ``ConvTranspose2d(x, output_size=...)``, ``nn.RNN(x, hx=...)``)."""
@@ -618,25 +581,3 @@ def positional(forward, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         return args
     bound = inspect.signature(forward).bind(module, *args, **kwargs)
     return tuple(bound.arguments.values())[1:]
-
-
-def is_candidate(module: nn.Module) -> bool:
-    """Linear/Conv/recurrent modules (subclasses included) that a user may want converted."""
-    return isinstance(module, CANDIDATES + _hf_conv1d())
-
-
-def adapter_for(module: nn.Module) -> Adapter | None:
-    """The adapter of a convertible layer, or None when its class changes how the weight is used."""
-    if not _plain(module):
-        return None
-    if isinstance(module, _hf_conv1d()):
-        return TransposedLinearAdapter(module)
-    if isinstance(module, nn.Linear):
-        return LinearAdapter(module)
-    if isinstance(module, nn.RNN):
-        from .recurrent import RNNAdapter
-
-        return RNNAdapter(module)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return ConvTransposeAdapter(module)
-    return ConvAdapter(module)

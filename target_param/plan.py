@@ -26,7 +26,9 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import FunctionalWeightUseError, ReferenceBatchError, TargetSpaceError, TraceFallbackWarning
 from .functional import FunctionalAdapter, Recorder
-from .layers import ConvAdapter, FeedForwardAdapter, adapter_for, layer_types, positional
+from .norms import frozen_running_stats
+from .adapters import adapter_for, layer_types
+from .layers import ConvAdapter, FeedForwardAdapter, positional
 from .solver import uses_dual
 
 __all__ = ["Plan", "PlannedLayer", "make_plan", "display_name", "lam_ratio", "too_large", "LAMBDA_SCALE_THRESHOLD"]
@@ -261,8 +263,6 @@ def _run(module: nn.Module, inputs: tuple, planned: dict[str, PlannedLayer] | No
     recording calls/outputs of ``planned`` by hooks, and the functional uses of their tensors and of the
     ``bare`` candidates (id → (owner name, attribute, tensor, owner)) by a ``functional.Recorder``; returns the
     output and the recorder."""
-    from .realise import frozen_running_stats
-
     handles, counter = [], itertools.count()
     watched = {id(t): ((owner, attr), t) for owner, attr, t, _ in (bare or {}).values()}
     recorder = Recorder(watched, counter) if planned is not None else None

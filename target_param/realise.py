@@ -47,18 +47,17 @@ from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import (FunctionalWeightUseError, LayerReusedError, ReferenceBatchError, ReferencePassError, SolveError,
-                     TargetSpaceError, UnsupportedHabitError)
+                     TargetSpaceError, UnsupportedHabitError, excluding)
 from .distributed import ANCHOR, scaled
 from .functional import FunctionalAdapter, ReferenceUses
 from .layers import Adapter, FeedForwardAdapter, positional
 from .parametrization import ridge_lams
 from .randomness import PassRandomness
+from .norms import frozen_running_stats
 from .recompute import Recomputation, checkpointing_off, in_backward
 from .solver import Solves, autocast_off, autocast_on, contents_version, plain_autograd
 
-__all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "frozen_running_stats", "REALISER_ATTR", "lean_max_pool"]
-
-REALISER_ATTR = "_target_space_realiser"
+__all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "lean_max_pool"]
 IDLE, FORWARD, REFERENCE, FROZEN = "idle", "forward", "reference", "frozen"
 
 
@@ -77,28 +76,15 @@ def _fingerprint(t: Tensor) -> tuple:
         return id(t), None, None
 
 
-@contextlib.contextmanager
-def frozen_running_stats(root: nn.Module, modules: list | None = None):
-    """Normalisation layers keep their running statistics untouched (batch statistics in train mode).
-    ``modules``: ``list(root.modules())`` if the caller has it already."""
-    changed = [m for m in (root.modules() if modules is None else modules)
-               if isinstance(m, _NormBase) and m.training and m.track_running_stats]
-    for m in changed:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in changed:
-            m.track_running_stats = True
-
-
-def reused_error(name: str, calls: int) -> LayerReusedError:
+def reused_error(calls: dict[str, int]) -> LayerReusedError:
+    """One error for every layer that runs more than once per forward (``calls``: name → calls)."""
+    names = list(calls)
     return LayerReusedError(
-        f"Layer '{name}' runs {calls} times in one forward pass; a target-space layer must run exactly "
-        "once, because its weights are solved from its one input on the reference batch (eq. 6).",
-        "Exclude it with filter_fn=lambda module, name: name != '%s' (it then stays in weight space)." % name,
-        layer=name,
-        calls=calls,
+        "Layer " + ", layer ".join(f"'{n}' runs {c} times" for n, c in calls.items()) + " in one forward pass; a "
+        "target-space layer must run exactly once, because its weights are solved from its one input on the "
+        "reference batch (eq. 6).",
+        f"Exclude {'it' if len(names) == 1 else 'them'} with filter_fn={excluding(names)} (then in weight space).",
+        **({"layer": names[0], "calls": calls[names[0]]} if len(names) == 1 else {"layers": calls}),
     )
 
 
@@ -524,7 +510,7 @@ class Realiser:
         """Realise layer i from its input on the reference batch; its output there, if the solve gives it."""
         self.calls[i] += 1
         if self.calls[i] > 1:
-            raise reused_error(self.layers[i].name, self.calls[i])
+            raise reused_error({self.layers[i].name: self.calls[i]})
         self.order.append(i)
         layer = self.layers[i]
         if self.relative:

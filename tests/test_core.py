@@ -463,3 +463,39 @@ def test_ill_conditioned_solve_falls_back_and_warns():
     with pytest.warns(tp.IllConditionedWarning, match="'Linear'"):
         tp.to_target_space(lin, ref, lam=0.0)
     assert torch.isfinite(lin.weight).all()
+
+
+def test_weight_space_state_dict_is_the_plain_models_without_changing_the_converted_one():
+    """Conv, attention (bare in_proj Parameters), nn.RNN and Linear: the same keys and values as
+    ``to_weight_space`` of a copy, loadable into the original class; the model keeps its targets."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(2, 3, 3)
+            self.att = nn.MultiheadAttention(3, 1, batch_first=True)
+            self.r = nn.RNN(3, 4, batch_first=True)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.c(x)).flatten(2).transpose(1, 2)
+            h = self.att(h, h, h, need_weights=False)[0]
+            return self.fc(self.r(h)[0][:, -1])
+    torch.manual_seed(0)
+    m = Mixed()
+    fresh = copy.deepcopy(m)
+    keys = set(m.state_dict())
+    tp.to_target_space(m, torch.randn(10, 2, 5, 5))
+    targets = {n: p.detach().clone() for n, p in m.named_parameters()}
+    sd = tp.weight_space_state_dict(m)
+    want = tp.to_weight_space(copy.deepcopy(m)).state_dict()
+    assert set(sd) == set(want) == keys
+    for k in want:
+        assert torch.equal(sd[k], want[k]), k
+    assert all(torch.equal(p, targets[n]) for n, p in m.named_parameters()) and tp.is_target_space(m)
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 2, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), m(x))
+    with pytest.raises(tp.NotConvertedError):
+        tp.weight_space_state_dict(fresh)

@@ -217,3 +217,16 @@ def test_functional_weight_use_is_named():
 
     msg = expect_untouched(Functional(), torch.randn(6, 3), tp.FunctionalWeightUseError, "'fc'")
     assert "filter_fn" in msg
+
+
+def test_every_tied_layer_is_named_in_one_refusal():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                        nn.Linear(4, 4))
+    net[2].weight, net[6].weight = net[0].weight, net[4].weight
+    before = model_state(net)
+    with pytest.raises(tp.LayerReusedError) as info:
+        tp.to_target_space(net, torch.randn(10, 4))
+    assert info.value.values["layers"] == ["0", "2", "4", "6"]
+    assert "name not in {'0', '2', '4', '6'}" in str(info.value)
+    assert_same_state(before, model_state(net))

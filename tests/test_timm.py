@@ -46,7 +46,7 @@ def test_timm_model_converts(name):
     ref = torch.randn(N_REF, 3, SIZE, SIZE, dtype=torch.float64)
     sums = {}
     hooks = [m.register_forward_hook(lambda mod, a, out, n=n: sums.__setitem__(n, out.detach().clone()))
-             for n, m in model.named_modules() if isinstance(m, tp.layers.SUPPORTED)]
+             for n, m in model.named_modules() if isinstance(m, tp.adapters.SUPPORTED)]
     with torch.no_grad():
         y0 = model(ref)
     for h in hooks:

@@ -176,3 +176,44 @@ def test_peft_lora_base_weights_are_bit_unchanged_and_the_adapters_train_in_targ
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert any(not torch.equal(model.get_submodule(n).weight, before[n]) for n in lora)
+
+
+def test_albert_shared_layers_are_refused_once_all_listed_and_the_way_out_converts_the_rest():
+    """ALBERT runs one layer group at every depth: every shared layer is named in one refusal, whose filter_fn
+    converts the rest (embedding projection, pooler, classifier)."""
+    torch.manual_seed(0)
+    model = transformers.AlbertForSequenceClassification(transformers.AlbertConfig(
+        vocab_size=VOCAB, embedding_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=2))
+    ref = torch.randint(1, VOCAB, (12, 8))
+    with pytest.raises(tp.LayerReusedError) as info:
+        tp.to_target_space(model, ref)
+    shared = info.value.values["layers"]
+    assert len(shared) == 6 and all(calls == 2 for calls in shared.values())  # q, k, v, dense, ffn, ffn_output
+    assert all(f"'{n}'" in str(info.value) for n in shared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.TraceFallbackWarning)
+        tp.to_target_space(model, ref, filter_fn=lambda m, n: n not in shared)
+    assert tp.is_target_space(model.classifier) and not tp.is_target_space(model.get_submodule(next(iter(shared))))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_weight_space_state_dict_round_trips_through_save_pretrained(name, tmp_path):
+    """``save_pretrained(path, state_dict=tp.weight_space_state_dict(model))`` of a model trained in target
+    space; ``from_pretrained(path)`` gives a plain model with the same outputs; the converted model is
+    unchanged (its targets, its realisation count)."""
+    model, _, _ = converted(MODELS[name])
+    opt = torch.optim.SGD(model.parameters(), 1e-2)
+    model(input_ids=torch.randint(1, VOCAB, (3, 8))).logits.pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sd = tp.weight_space_state_dict(model)
+    assert {n: p for n, p in model.named_parameters()}.keys() == state.keys()
+    assert all(torch.equal(p, state[n]) for n, p in model.named_parameters())
+    model.save_pretrained(tmp_path, state_dict=sd)
+    plain = type(model).from_pretrained(tmp_path, torch_dtype=DT).eval()
+    ids = torch.randint(1, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, logits(model, ids), rtol=1e-10, atol=1e-12)
+    assert not tp.is_target_space(plain)
