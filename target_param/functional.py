@@ -78,7 +78,8 @@ def op_name(func) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     if owner is not None and "." not in name and isinstance(owner, type):
         name = f"{owner.__name__}.{name}"
-    return name
+    # torch's C functions and Tensor methods, as a user writes them
+    return name.replace("_VariableFunctionsClass.", "torch.").replace("TensorBase.", "Tensor.")
 
 
 def _never(*args) -> bool:

@@ -432,6 +432,11 @@ def _functional_layers(recorder: Recorder, planned: dict[str, PlannedLayer], bar
                 f"The bias of layer '{planned[use.bias[0][0]].name}' is used by {use.op} with another weight.",
                 "Exclude it with filter_fn.", layer=planned[use.bias[0][0]].name)
     units, skipped = [], {}
+    for (owner, attr), op in recorder.others.items():  # never an F.linear/F.conv* weight, but a linear map
+        t = next((t for o, a, t, _ in bare.values() if (o, a) == (owner, attr)), None)
+        if (owner, attr) not in by_weight and t is not None and _multiplies(op, t):
+            skipped[f"{owner}.{attr}" if owner else attr] = (
+                f"computed with by {op}; only F.linear / F.conv* uses of a bare tensor are solved (eq. 6)")
     reasons = _ineligible(by_weight, recorder, bare)
     for key, uses in by_weight.items():
         owner, attr = key
@@ -457,6 +462,23 @@ def _functional_layers(recorder: Recorder, planned: dict[str, PlannedLayer], bar
 def _tiles(blocks: list[tuple[int, int]], full: int) -> bool:
     blocks = sorted(blocks)
     return blocks[0][0] == 0 and blocks[-1][1] == full and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+
+
+_PRODUCTS = ("mm", "matmul", "einsum", "tensordot", "linear", "conv", "bilinear")
+
+
+def _multiplies(op: str, t: Tensor) -> bool:
+    """Whether a bare Parameter's first computing op ``op`` makes it a linear map left in weight space: a
+    matrix (2-D) in a matrix product (addmm, ``@``, matmul, einsum, ...) or transposed for one; a stack of
+    matrices (≥3-D, more than one: Mixtral's experts, indexed per expert or transposed for a grouped matmul)
+    whatever it is computed with. Lookups (embeddings), additions (position embeddings, (1, N, D)) and a 2-D
+    table indexed are not."""
+    if t.dim() < 2:
+        return False
+    if t.dim() >= 3 and t.shape[0] > 1:
+        return "embedding" not in op
+    base = op.rsplit(".", 1)[-1].strip("_")
+    return any(p in base for p in _PRODUCTS) or base in ("t", "T", "mT", "transpose", "permute")
 
 
 def _ineligible(by_weight: dict, recorder: Recorder, bare: dict) -> dict:

@@ -678,3 +678,29 @@ def test_a_conv_weight_used_with_an_external_bias(trace):
         assert close(model.conv.weight.flatten(1), want)
     model(ref).sum().backward()
     assert model.s1.grad.abs().sum() > 0
+
+
+def test_bare_weights_used_by_other_ops_are_named_and_lookups_are_not():
+    """A 2-D or 3-D Parameter that the forward multiplies by torch.addmm or indexes into a matmul (Mixtral's
+    experts) stays in weight space with a warning and a row in explain naming it and the op; an embedding
+    table (a lookup) is not a linear map the paper solves, and is not named."""
+
+    class Others(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.w, self.b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.zeros(3))
+            self.experts = nn.Parameter(torch.randn(2, 3, 3))
+            self.table = nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x):
+            x = x + F.embedding(torch.zeros(len(x), dtype=torch.long), self.table)
+            h = torch.addmm(self.b, torch.tanh(self.fc(x)), self.w)
+            return h @ self.experts[0]
+    ref = torch.randn(10, 4)
+    text = str(tp.explain(Others(), ref))
+    assert "w: computed with by torch.addmm" in text and "experts: computed with by Tensor.__getitem__" in text
+    with pytest.warns(tp.WeightSpaceWarning) as caught:
+        tp.to_target_space(Others(), ref)
+    message = "\n".join(str(w.message) for w in caught)
+    assert "w: computed with by torch.addmm" in message and "experts:" in message and "table" not in message

@@ -205,7 +205,7 @@ def check(name, rec=None):
 # The attention families must convert every linear map: torchvision's Swin passes its attention Linears' weights
 # to shifted_window_attention, ViT's nn.MultiheadAttention its bare in_proj_weight and out_proj's weight to
 # F.multi_head_attention_forward (see target_param.functional). Refused by name, and left untouched: Swin V2,
-# whose attention clones the qkv bias and zeroes its key rows in place (TensorBase.zero_) before F.linear.
+# whose attention clones the qkv bias and zeroes its key rows in place (Tensor.zero_) before F.linear.
 REFUSED = {n: "FunctionalWeightUseError" for n in ALL if n.startswith("swin_v2_")}
 ATTENTION_FAMILIES = ("vision_transformer", "swin_transformer", "maxvit")
 

@@ -217,3 +217,22 @@ def test_weight_space_state_dict_round_trips_through_save_pretrained(name, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, logits(model, ids), rtol=1e-10, atol=1e-12)
     assert not tp.is_target_space(plain)
+
+
+def test_mixtral_experts_stay_in_weight_space_named():
+    """Mixtral's experts are 3-D Parameters indexed per expert by data-dependent routing: they stay in weight
+    space, named with the op in the warning and in explain; every nn.Linear converts."""
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=16,
+        tie_word_embeddings=False))
+    ref = torch.randint(1, VOCAB, (12, 8))
+    assert "experts.gate_up_proj: computed with by" in str(tp.explain(model, ref))
+    with pytest.warns(tp.WeightSpaceWarning) as caught:
+        tp.to_target_space(model, ref)
+    message = "\n".join(str(w.message) for w in caught if issubclass(w.category, tp.WeightSpaceWarning))
+    assert "experts.gate_up_proj" in message and "experts.down_proj" in message
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not tp.is_target_space(m)]
+    assert not left, left
+    model(input_ids=ref[:2]).logits.sum().backward()
