@@ -35,7 +35,7 @@ from .adapters import adapter_for, is_candidate
 from .layers import ConvAdapter
 from .recurrent import RNNAdapter
 from .solver import solve_dtype
-from .parametrization import TargetParametrization, install
+from .parametrization import TargetParametrization, install, register_target
 from .plan import LAMBDA_SCALE_THRESHOLD, Plan, PlannedLayer, lam_ratio, make_plan, too_large
 from .realise import ConvertedLayer, Realiser, reused_error
 from .registry import REALISER_ATTR, realisers
@@ -248,12 +248,16 @@ class _Snapshot:
             (m, m.__class__, {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in vars(m).items()})
             for m in dict.fromkeys(modules)
         ]
+        # registration puts each target into the Parameter object the module held (parametrization.register_target)
+        self.data = [(p, p.data) for _, _, attrs in self.saved for p in attrs["_parameters"].values() if p is not None]
 
     def restore(self) -> None:
         for m, cls, attrs in self.saved:
             m.__class__ = cls
             m.__dict__.clear()
             m.__dict__.update(attrs)
+        for p, data in self.data:
+            p.data = data
 
 
 def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions: Tensor | None = None,
@@ -265,15 +269,7 @@ def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions:
     layer = realiser.layers[i]
     m = layer.module
     for name in layer.adapter.tensors:
-        old = m._parameters[name]
-        if name in targets:
-            m._parameters[name] = nn.Parameter(targets[name], requires_grad=old.requires_grad)
-        else:
-            del m._parameters[name]
-            m.register_buffer(name, old.new_empty(0))
-        parametrize.register_parametrization(m, name, TargetParametrization(realiser, i, name), unsafe=True)
-        if name not in targets:
-            m.parametrizations[name]._non_persistent_buffers_set.add("original")  # a placeholder, not state
+        register_target(m, name, targets.get(name), realiser, i)
     install(m, layer.adapter.tensors, layer.adapter.targets[0])
     if positions is not None:
         m.parametrizations[layer.adapter.targets[0]][0].register_buffer("positions", positions)

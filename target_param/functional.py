@@ -54,7 +54,7 @@ from torch.nn.utils import parametrize
 from .errors import FunctionalWeightUseError
 from .adapters import adapter_for, is_candidate
 from .layers import Adapter
-from .parametrization import TargetParametrization, install
+from .parametrization import install, register_target
 
 __all__ = ["FunctionalAdapter", "Recorder", "ReferenceUses", "LINEAR", "CONVS", "op_name", "owners",
            "bare_candidates", "register_units", "stored_groups"]
@@ -468,24 +468,18 @@ def register_units(realiser, targets: dict[int, dict[str, Tensor]], lams: dict[i
     for (_, name), ks in stored_groups(layers).items():
         m = layers[ks[0]].module
         index = ks[0] if len(ks) == 1 else tuple(ks)
-        old = m._parameters[name]
+        requires_grad = m._parameters[name].requires_grad
         weight = layers[ks[0]].adapter.weight == name
-        if weight:
-            m._parameters[name] = nn.Parameter(targets[ks[0]][name], requires_grad=old.requires_grad)
-        else:
-            del m._parameters[name]
-            m.register_buffer(name, old.new_empty(0))
-        parametrize.register_parametrization(m, name, TargetParametrization(realiser, index, name), unsafe=True)
+        register_target(m, name, targets[ks[0]][name] if weight else None, realiser, index)
         plist = m.parametrizations[name]
         if not weight:
-            plist._non_persistent_buffers_set.add("original")  # a placeholder, not state
             continue
         for slot, k in enumerate(ks):
             ad = layers[k].adapter
             ad.slot = slot
             t = targets[k][name]
             if slot:
-                plist.register_parameter(ad.original, nn.Parameter(t, requires_grad=old.requires_grad))
+                plist.register_parameter(ad.original, nn.Parameter(t, requires_grad=requires_grad))
             if lams.get(k):
                 plist[0].register_buffer(ad.lam_buffer, torch.tensor(lams[k][name], dtype=dtype_of(t),
                                                                      device=t.device))

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from .errors import AssignmentError
 
-__all__ = ["TargetParametrization", "install", "ridge_lams"]
+__all__ = ["TargetParametrization", "install", "ridge_lams", "register_target"]
 
 
 class TargetParametrization(nn.Module):
@@ -60,6 +60,21 @@ class TargetParametrization(nn.Module):
         if getattr(self.realiser, "relative", False):
             return f"{self.which} = T·A^‡ (eq. 6), λ_j of the layer's target"
         return f"{self.which} = T·A^‡ (eq. 6), λ={self.realiser.lam}"
+
+
+def register_target(module: nn.Module, name: str, target: Tensor | None, realiser, index) -> None:
+    """Parametrize ``module.<name>`` by :class:`TargetParametrization`. With a ``target``, it takes the place of
+    the tensor in the *same* Parameter object (``.data``), so that an optimiser built before the conversion
+    trains the targets; without one, ``original`` is an empty, non-persistent placeholder."""
+    old = module._parameters[name]
+    if target is not None:
+        old.data = target
+    else:
+        del module._parameters[name]
+        module.register_buffer(name, old.new_empty(0))
+    parametrize.register_parametrization(module, name, TargetParametrization(realiser, index, name), unsafe=True)
+    if target is None:
+        module.parametrizations[name]._non_persistent_buffers_set.add("original")  # a placeholder, not state
 
 
 def ridge_lams(module: nn.Module, names: tuple[str, ...]) -> dict[str, float]:

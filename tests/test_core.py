@@ -499,3 +499,42 @@ def test_weight_space_state_dict_is_the_plain_models_without_changing_the_conver
         torch.testing.assert_close(fresh(x), m(x))
     with pytest.raises(tp.NotConvertedError):
         tp.weight_space_state_dict(fresh)
+
+
+def test_an_optimiser_built_before_conversion_trains_the_targets():
+    """The targets live in the Parameter objects the model held, so ``opt = Adam(net.parameters())`` then
+    ``to_target_space(net, ref)`` trains exactly as the other order does (Linear layers and an attention's
+    bare in_proj Parameter); after ``to_weight_space`` the same objects hold the realised weights."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.att = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(x))
+            return self.head(self.att(h, h, h, need_weights=False)[0])
+    torch.manual_seed(0)
+    before, after = Net(), None
+    after = copy.deepcopy(before)
+    ref = torch.randn(6, 5, 4)
+    opt_before = torch.optim.Adam(before.parameters(), 1e-2)
+    for m in (before, after):
+        tp.to_target_space(m, ref)
+    opt_after = torch.optim.Adam(after.parameters(), 1e-2)
+    start = {k: v.clone() for k, v in before.state_dict().items()}
+    for _ in range(3):
+        x = torch.randn(3, 5, 4)
+        for m, opt in ((before, opt_before), (after, opt_after)):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+    for (k, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not torch.equal(before.state_dict()["fc.parametrizations.weight.original"],
+                           start["fc.parametrizations.weight.original"])
+    held = {id(p) for g in opt_before.param_groups for p in g["params"]}
+    tp.to_weight_space(before)
+    assert id(before.fc.weight) in held and id(before.att.in_proj_weight) in held
