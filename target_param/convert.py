@@ -260,6 +260,32 @@ class _Snapshot:
             p.data = data
 
 
+def _reference_size(inputs: tuple) -> int | None:
+    return next((x.shape[0] for x in inputs if isinstance(x, Tensor) and x.dim()), None)
+
+
+def _warn_rank(ran: list, nbar: int | None) -> None:
+    """One RankDeficientWarning for every layer with fewer reference columns than input rows (section 3.1,
+    Fig. 7), with the n̄ each would need and the filter_fn that keeps them all in weight space."""
+    short = [(pl, pl.stats()) for pl in ran if not pl.stats()["full_rank"]]
+    if not short:
+        return
+    lines = []
+    for pl, s in short:
+        need = f"n̄ ≥ {math.ceil(s['rows'] / (s['cols'] / nbar))}" if nbar else "a larger n̄"
+        rows = "d_in + 1" if getattr(pl.adapter, "has_bias", True) else "d_in"
+        lines.append(f"  {pl.name}: n̄ × positions = {s['cols']} < {rows} = {s['rows']} (would need {need})")
+    warnings.warn(
+        f"{len(short)} of {len(ran)} layers have a rank-deficient Gram AAᵀ (fewer columns than rows; section "
+        "3.1, Fig. 7): not every target is achievable, and a reference pattern can get a target of its own.\n"
+        + "\n".join(lines) + "\nWays out: a larger reference batch (n̄) where the n̄ needed is within reach; or "
+        f"keep them in weight space with filter_fn={excluding(pl.name for pl, _ in short)}; or accept it "
+        "(the ridge gives the least-norm weights; docs/method.md, choosing n̄).",
+        RankDeficientWarning,
+        stacklevel=3,
+    )
+
+
 def _register(realiser: Realiser, i: int, targets: dict[str, Tensor], positions: Tensor | None = None,
               lams: dict[str, float] | None = None) -> None:
     """Targets become Parameters at ``parametrizations[name].original``; other tensors get placeholders;
@@ -602,16 +628,7 @@ def to_target_space(
                          lam_mode, shards)
     ran = [pl for pl in plan.layers if pl.calls]
     _warn_lambda_scale(ran, lam_mode)
-    for pl in ran:
-        s = pl.stats()
-        if not s["full_rank"]:
-            warnings.warn(
-                f"Layer '{pl.name}': its Gram AAᵀ is rank-deficient, n̄ × positions = {s['cols']} < "
-                f"d_in + 1 = {s['rows']} (section 3.1, Fig. 7), so not every target is achievable. "
-                "Use a larger reference batch.",
-                RankDeficientWarning,
-                stacklevel=2,
-            )
+    _warn_rank(ran, _reference_size(inputs))
     layers = [ConvertedLayer(pl.name, pl.module, pl.adapter) for pl in ran]
 
     snapshot = _Snapshot([model] + [layer.module for layer in layers])
