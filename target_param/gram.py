@@ -60,13 +60,11 @@ def shift_gram(core: Tensor, groups: int, kernel: tuple[int, int], dilation: tup
             table[..., kh - 1 + sa, kw - 1 + sb] = f
             if sa or sb:
                 table[..., kh - 1 - sa, kw - 1 - sb] = f.mT
-    gram = core.new_empty(groups, cg, kh, kw, cg, kh, kw)  # block (c,a,b), (c',a',b') = F(a'−a, b'−b)
-    for a in range(kh):
-        for a2 in range(kh):
-            for b in range(kw):
-                gram[:, :, a, b, :, a2, :] = table[..., kh - 1 + a2 - a, kw - 1 - b:2 * kw - 1 - b]
-    ib = torch.arange(kw, device=core.device)
+    # block (c,a,b), (c',a',b') = F(a'−a, b'−b): one gather of the table, [a, b, a', b'] → (c, a, b, c', a', b')
+    ia, ib = torch.arange(kh, device=core.device), torch.arange(kw, device=core.device)
+    sa_of = ia[None] - ia[:, None] + kh - 1  # [a, a']
     sb_of = ib[None] - ib[:, None] + kw - 1  # [b, b']
+    gram = table[..., sa_of[:, None, :, None], sb_of[None, :, None, :]].permute(0, 1, 3, 4, 2, 5, 6).contiguous()
 
     # Border rows: kernel row a's window leaves out rows E of the input, for row shift sa, every sb.
     row_out = {}

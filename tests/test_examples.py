@@ -250,11 +250,16 @@ def test_depth_quick_runs_and_resumes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((tmp_path / "depth.json").read_text())
-    methods = {"target", "weight_glorot", "weight_default", "weight_layernorm"}
+    methods = {"target", "target_project", "target_sigma01", "weight_glorot", "weight_default", "weight_layernorm"}
     assert {(r["depth"], r["method"], r["lr"]) for r in state["runs"]} == {
         (d, m, lr) for d in (2, 3) for m in methods for lr in (1e-3, 1e-2)}
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in state["runs"])
-    assert (tmp_path / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in state["runs"]:  # the step-0 diagnostics (one per Linear layer) and the reference-batch fit
+        assert len(r["step0"]["gain"]) == len(r["step0"]["grad_norm"]) == r["depth"]
+        assert len(r["ref_every_50"]) == 1 and 0.0 <= r["ref_every_50"][0][1] <= 1.0
+    assert set(state["step0"]["methods"]) == methods - {"weight_layernorm"}
+    for png in ("depth.png", "depth3_step0.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # nothing left to run
     assert again.returncode == 0 and json.loads((tmp_path / "depth.json").read_text())["runs"] == state["runs"]
 
