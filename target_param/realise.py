@@ -55,7 +55,8 @@ from .parametrization import ridge_lams
 from .randomness import PassRandomness
 from .norms import frozen_running_stats
 from .recompute import Recomputation, checkpointing_off, in_backward
-from .solver import Solves, autocast_off, autocast_on, contents_version, plain_autograd
+from .solver import (SYNC_FREE_DEVICES, Solves, autocast_off, autocast_on, contents_version, plain_autograd,
+                     memory_stamp)
 
 __all__ = ["Realiser", "ConvertedLayer", "ReferenceCall", "lean_max_pool"]
 IDLE, FORWARD, REFERENCE, FROZEN = "idle", "forward", "reference", "frozen"
@@ -658,7 +659,9 @@ class Realiser:
             if not isinstance(arg, Tensor) or arg.shape != ref.shape or arg.dtype != ref.dtype \
                     or arg.device != ref.device:
                 return False
-            if arg is not ref:
+            if arg is not ref and memory_stamp(arg) != memory_stamp(ref):
+                if arg.device.type in SYNC_FREE_DEVICES:
+                    return False  # (comparing values would synchronise with the host: a separate pass instead)
                 # the last tensor found equal, if it and the reference are unchanged since: no pass over them
                 stamp = contents_version(arg) + contents_version(ref)
                 last = self.equal_inputs.get(name)

@@ -190,8 +190,10 @@ class FactorCache:
     computed once: an entry ``("factor", ...)``; a fixed layer in the dual form keeps its projections
     instead, ``("projections", (P, Q))`` (see ``Solves.projections``). An input that needs no gradient is
     compared with the stored copy (``torch.equal``, one pass over the input, against the Gram's d passes),
-    unless it is the very tensor compared before (held here), at the same in-place version and storage; any
-    change (a new reference batch, dropout, a frozen layer edited, a device or dtype move) recomputes.
+    unless it is the very tensor compared before (held here), or a view with its memory and layout, at the
+    same in-place version; any change (a new reference batch, dropout, a frozen layer edited, a device or dtype
+    move) recomputes. On a GPU (``SYNC_FREE_DEVICES``) values are never compared, which would synchronise with
+    the host: only the same memory finds the entry.
     """
 
     def __init__(self):
@@ -205,21 +207,32 @@ class FactorCache:
         factor of ``Gram + λI`` is no factor for another λ: ``lam_mode="relative"`` can load one)."""
         if x.requires_grad or self.input is None or lam != self.lam:
             return None
-        if self.source is not None and self.source[0] is x and self.source[1:] == contents_version(x):
-            return self.entry  # the very tensor compared or stored before, unchanged since
+        stamp = memory_stamp(x)
+        if self.source is not None and stamp is not None and self.source[1] == stamp:
+            return self.entry  # the very memory compared or stored before (held here), unchanged since
         if self.input.shape != x.shape or self.input.dtype != x.dtype or self.input.device != x.device \
-                or not torch.equal(self.input, x):
-            return None
-        self.source = (x, *contents_version(x))
+                or x.device.type in SYNC_FREE_DEVICES or not torch.equal(self.input, x):
+            return None  # (on a GPU values are not compared: a host synchronisation; the entry is recomputed)
+        self.source = (x, stamp)
         return self.entry
 
     def store(self, x: Tensor, entry: tuple, lam: float | None = None) -> None:
         if not x.requires_grad:
-            self.input, self.entry, self.source = x.detach().clone(), entry, (x, *contents_version(x))
+            self.input, self.entry, self.source = x.detach().clone(), entry, (x, memory_stamp(x))
             self.lam = lam
 
     def __deepcopy__(self, memo):
         return FactorCache()  # a cache, not state
+
+
+def memory_stamp(x: Tensor) -> tuple | None:
+    """Memory, layout, dtype and in-place version of ``x``: two equal stamps are the same values, without
+    reading them (views of one tensor share its version counter), as long as the first tensor is held, so that
+    its memory cannot be reused by another. None for a tensor without storage (torch.func wrappers)."""
+    try:
+        return x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version
+    except RuntimeError:
+        return None
 
 
 def contents_version(x: Tensor) -> tuple:

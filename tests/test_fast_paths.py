@@ -755,3 +755,68 @@ def test_wide_linear_layer_solves_eq6_with_the_triangle_gram(out):
     wt2 = torch.linalg.solve(a.T @ a + lam * torch.eye(d_in + 1, dtype=a.dtype), a.T @ t)
     (expected,) = torch.autograd.grad(loss(wt2[:-1].T, wt2[-1]), t)
     torch.testing.assert_close(t.grad, expected, rtol=1e-8, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ host synchronisations
+_SYNCS = ("_local_scalar_dense", "equal", "is_nonzero", "_linalg_check_errors")  # dispatched
+_SYNC_CALLS = ("tolist", "item", "__bool__", "equal")  # called from Python (``.tolist()`` does not dispatch)
+
+
+def _sync_count(step) -> dict:
+    """What reads a value back to the host (``.item()``/``.tolist()``, ``torch.equal``, ``bool(tensor)``,
+    LAPACK's info checks), each a synchronisation on a GPU: Python calls by a TorchFunctionMode, the ops
+    dispatched inside by a TorchDispatchMode."""
+    from collections import Counter
+
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = Counter()
+
+    class Calls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in _SYNC_CALLS:
+                seen[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in _SYNCS:
+                seen["aten." + name] += 1
+            return func(*args, **(kwargs or {}))
+    with Calls(), Ops():
+        step()
+    return dict(seen)
+
+
+@pytest.mark.parametrize("full_batch", [False, True])
+def test_a_training_step_on_the_gpu_path_synchronises_once(full_batch, monkeypatch):
+    """With the CUDA branches taken (the device-type sets forced to CUDA's on the CPU), a training step,
+    minibatch the size of X̄ included, reads one value back to the host: the realisation's check
+    (``Realiser._check``). Neither the minibatch nor the first layer's cached input is compared by value."""
+    from target_param import solver
+    from target_param.layers import CHANNELS_LAST_DEVICES
+
+    monkeypatch.setattr(solver, "_TRIANGLE_DEVICES", set())
+    solver.SYNC_FREE_DEVICES.add("cpu")
+    CHANNELS_LAST_DEVICES.discard("cpu")
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        ref = torch.randn(8, 3, 6, 6)
+        tp.to_target_space(model, ref, lam=0.1)
+        opt = torch.optim.SGD(model.parameters(), 1e-2)
+
+        def step(x):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        for _ in range(2):  # warm: the first layer's factor is cached
+            step(torch.randn(8, 3, 6, 6))
+        x = ref.clone() if full_batch else torch.randn(8, 3, 6, 6)  # the size of X̄ (and its values)
+        assert _sync_count(lambda: step(x)) == {"tolist": 1}  # Realiser._check
+    finally:
+        solver.SYNC_FREE_DEVICES.discard("cpu")
+        CHANNELS_LAST_DEVICES.add("cpu")
