@@ -643,6 +643,7 @@ def to_target_space(
         for n, x in zip(names, inputs):
             if n is not None:
                 model.register_buffer(n, x.detach().clone())
+                realiser.remember_equal(n, x)  # a forward on the user's own X̄ is the reference pass, unread
         unit_targets, unit_lams = {}, {}
         for k, pl in enumerate(ran):
             sums, positions, adapter = pl.sums, None, layers[k].adapter

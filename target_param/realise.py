@@ -660,16 +660,22 @@ class Realiser:
                     or arg.device != ref.device:
                 return False
             if arg is not ref and memory_stamp(arg) != memory_stamp(ref):
-                if arg.device.type in SYNC_FREE_DEVICES:
-                    return False  # (comparing values would synchronise with the host: a separate pass instead)
-                # the last tensor found equal, if it and the reference are unchanged since: no pass over them
+                # the last tensor found equal (at conversion: the user's reference batch itself), if it and the
+                # reference are unchanged since: no pass over them
                 stamp = contents_version(arg) + contents_version(ref)
                 last = self.equal_inputs.get(name)
                 if last is None or last[0] is not arg or last[1] is not ref or last[2] != stamp:
+                    if arg.device.type in SYNC_FREE_DEVICES:
+                        return False  # (comparing values would synchronise with the host: a separate pass)
                     if not torch.equal(arg, ref):
                         return False
                     self.equal_inputs[name] = (arg, ref, stamp)
         return True
+
+    def remember_equal(self, name: str, arg: Tensor) -> None:
+        """``arg`` holds the values of reference buffer ``name`` now (the tensor the buffer was copied from)."""
+        ref = getattr(self.root, name)
+        self.equal_inputs[name] = (arg, ref, contents_version(arg) + contents_version(ref))
 
     def tensor(self, i, which: str) -> Tensor:
         """The realised tensor ``which`` (e.g. "weight") of layer i, as the parametrization returns it; ``i`` is

@@ -791,11 +791,12 @@ def _sync_count(step) -> dict:
     return dict(seen)
 
 
-@pytest.mark.parametrize("full_batch", [False, True])
-def test_a_training_step_on_the_gpu_path_synchronises_once(full_batch, monkeypatch):
+@pytest.mark.parametrize("batch", ["minibatch", "copy of X̄", "X̄ itself"])
+def test_a_training_step_on_the_gpu_path_synchronises_once(batch, monkeypatch):
     """With the CUDA branches taken (the device-type sets forced to CUDA's on the CPU), a training step,
     minibatch the size of X̄ included, reads one value back to the host: the realisation's check
-    (``Realiser._check``). Neither the minibatch nor the first layer's cached input is compared by value."""
+    (``Realiser._check``). Neither the minibatch nor the first layer's cached input is compared by value;
+    the tensor given as X̄ at conversion is known without reading it, and its forward is the reference pass."""
     from target_param import solver
     from target_param.layers import CHANNELS_LAST_DEVICES
 
@@ -815,8 +816,10 @@ def test_a_training_step_on_the_gpu_path_synchronises_once(full_batch, monkeypat
             opt.step()
         for _ in range(2):  # warm: the first layer's factor is cached
             step(torch.randn(8, 3, 6, 6))
-        x = ref.clone() if full_batch else torch.randn(8, 3, 6, 6)  # the size of X̄ (and its values)
+        x = {"minibatch": torch.randn(8, 3, 6, 6), "copy of X̄": ref.clone(), "X̄ itself": ref}[batch]
+        merges = realisers(model)[0].merges
         assert _sync_count(lambda: step(x)) == {"tolist": 1}  # Realiser._check
+        assert realisers(model)[0].merges == merges + (batch == "X̄ itself")
     finally:
         solver.SYNC_FREE_DEVICES.discard("cpu")
         CHANNELS_LAST_DEVICES.add("cpu")
