@@ -302,3 +302,14 @@ def test_cnn_resumes_from_its_saved_state(tmp_path):
         assert resumed[m]["curve"]["test_loss"] == fresh[m]["curve"]["test_loss"], m
     log, again = cnn(tmp_path / "a", "--resume", "--checkpoint-every", "3", "--epochs", "2.2")  # finished: read back
     assert "finished before" in log and again["target"]["curve"] == resumed["target"]["curve"]
+
+
+def test_hf_finetune_quick_trains_both_spaces(tmp_path):
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "hf_finetune.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "hf_finetune.json").read_text())["runs"]
+    assert set(runs) == {"weight", "target"} and all(len(r["losses"]) == 8 for r in runs.values())
+    assert all(math.isfinite(r["held_out_loss"]) for r in runs.values())
+    assert (tmp_path / "hf_finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -42,6 +42,15 @@ def gpt2():
 MODELS = {"llama": llama, "bert": bert, "gpt2": gpt2}
 
 
+def checkpointing_on(model, reentrant: bool) -> None:
+    """The model's own activation checkpointing, by the current name (transformers 5: activation_...)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
 def converted(make, mode="train", lam=1e-3):
     torch.manual_seed(0)
     model = make().to(DT)
@@ -120,7 +129,7 @@ def test_gradient_checkpointing_gives_the_unchecked_gradients(name, reentrant):
     target gradients, step by step."""
     base, _, _ = converted(MODELS[name])
     twin = copy.deepcopy(base)
-    twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointing_on(twin, reentrant)
     twin.config.use_cache = False
     base.config.use_cache = False
     opts = [torch.optim.SGD(m.parameters(), 1e-2) for m in (base, twin)]
