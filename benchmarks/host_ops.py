@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import sys
 import warnings

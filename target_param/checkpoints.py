@@ -5,8 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import ANCHOR
-from .errors import NotConvertedError
-from .registry import realisers
+from .registry import converted_realisers
 
 __all__ = ["weight_space_state_dict"]
 
@@ -40,11 +39,7 @@ def weight_space_state_dict(model: nn.Module) -> dict[str, Tensor]:
         >>> sorted(tp.weight_space_state_dict(net)) == sorted(keys)
         True
     """
-    found = realisers(model)
-    if not found:
-        raise NotConvertedError("The model has nothing in target space.",
-                                "model.state_dict() is already the weight-space state_dict.",
-                                model=type(model).__name__)
+    found = converted_realisers(model, "model.state_dict() is already the weight-space state_dict.")
     converted: dict[int, dict[str, None]] = {}  # id(module) → its converted tensor names, in order
     roots: dict[int, list[str]] = {}
     for r in found:

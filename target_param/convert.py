@@ -21,7 +21,6 @@ from .errors import (
     LambdaScaleWarning,
     LayerReusedError,
     NoEligibleLayerError,
-    NotConvertedError,
     RankDeficientWarning,
     WeightSpaceWarning,
     ReferenceBatchError,
@@ -38,7 +37,7 @@ from .solver import solve_dtype
 from .parametrization import TargetParametrization, install, register_target
 from .plan import LAMBDA_SCALE_THRESHOLD, Plan, PlannedLayer, lam_ratio, make_plan, too_large
 from .realise import ConvertedLayer, Realiser, reused_error
-from .registry import REALISER_ATTR, realisers
+from .registry import REALISER_ATTR, converted_realisers, realisers
 
 __all__ = ["to_target_space", "to_weight_space", "is_target_space", "explain", "realisations", "realisers"]
 
@@ -709,13 +708,7 @@ def to_weight_space(model: nn.Module) -> nn.Module:
         >>> list(tp.to_weight_space(net).state_dict()) == keys
         True
     """
-    found = realisers(model)
-    if not found:
-        raise NotConvertedError(
-            "The model has nothing in target space.",
-            "Convert it with tp.to_target_space(model, ref_batch) first.",
-            model=type(model).__name__,
-        )
+    found = converted_realisers(model, "Convert it with tp.to_target_space(model, ref_batch) first.")
     for r in found:
         with torch.no_grad():
             r.realise()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["REALISER_ATTR", "realisers"]
+from .errors import NotConvertedError
+
+__all__ = ["REALISER_ATTR", "realisers", "converted_realisers"]
 
 REALISER_ATTR = "_target_space_realiser"
 
@@ -27,3 +29,11 @@ def realisers(model: nn.Module) -> list:
         ['Linear']
     """
     return [m.__dict__[REALISER_ATTR] for m in model.modules() if REALISER_ATTR in m.__dict__]
+
+
+def converted_realisers(model: nn.Module, way_out: str) -> list:
+    """``realisers(model)``, or a NotConvertedError (with ``way_out``) when nothing in it is in target space."""
+    found = realisers(model)
+    if not found:
+        raise NotConvertedError("The model has nothing in target space.", way_out, model=type(model).__name__)
+    return found
