@@ -128,6 +128,14 @@ def install(module: nn.Module, names: tuple[str, ...], owner: str, forward: bool
 
     if forward:
         cls.forward = layer_forward
+    parametrized, base_setattr = frozenset(names), cls.__setattr__
+
+    def setattr_(self, name, value):
+        # nn.Module registers an assigned Parameter itself, past the property: refuse it as a tensor is refused
+        if name in parametrized and isinstance(value, nn.Parameter):
+            self._modules["parametrizations"]._modules[name]._modules["0"].right_inverse(value)
+        base_setattr(self, name, value)
+    cls.__setattr__ = setattr_
     for name in names:
         prop = cls.__dict__[name]
         setattr(cls, name, property(_fast_read(name, prop.fget), prop.fset))

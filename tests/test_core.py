@@ -402,6 +402,9 @@ def test_weight_assignment_is_refused():
     m, _ = converted_mlp()
     with pytest.raises(tp.AssignmentError, match="layers.0"):
         m.layers[0].weight = torch.zeros(5, 2, dtype=torch.float64)
+    with pytest.raises(tp.AssignmentError, match="layers.0"):  # a Parameter too (nn.Module registers it itself)
+        m.layers[0].bias = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    m.layers[0].note = nn.Parameter(torch.zeros(1))  # other names are not ours
 
 
 def test_deepcopy_is_independent():
