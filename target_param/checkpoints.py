@@ -5,9 +5,10 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import ANCHOR
+from .errors import ReferenceBatchError
 from .registry import converted_realisers
 
-__all__ = ["weight_space_state_dict"]
+__all__ = ["weight_space_state_dict", "ReferenceSizeCheck"]
 
 _PARAMETRIZATIONS = "parametrizations."
 
@@ -67,3 +68,24 @@ def weight_space_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 continue
             out[key] = value
     return out
+
+
+class ReferenceSizeCheck:
+    """A ``load_state_dict`` pre-hook of a converted root: a checkpoint whose reference batch has another shape
+    (targets are n̄ × outputs) is refused by name, before torch lists every target's size mismatch."""
+
+    def __init__(self, realiser):
+        self.realiser = realiser
+
+    def __call__(self, module, state_dict, prefix, *args):
+        for name, _ in self.realiser.reference:
+            saved = state_dict.get(prefix + name) if name else None
+            here = getattr(module, name) if name else None
+            if isinstance(saved, Tensor) and saved.shape != here.shape:
+                raise ReferenceBatchError(
+                    "The checkpoint was saved by a model converted on a reference batch of another shape; its "
+                    "targets (n̄ × the layers' outputs) cannot load into this one.",
+                    "Convert the model on a reference batch of the checkpoint's shape (the checkpoint holds it, "
+                    f"at '{prefix + name}'), then load: tp.to_target_space(model, state['{prefix + name}']).",
+                    buffer=prefix + name, checkpoint=tuple(saved.shape), model=tuple(here.shape),
+                )

@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedLayerError,
     excluding,
 )
+from .checkpoints import ReferenceSizeCheck
 from .distributed import ANCHOR, LAYOUTS, Shards, anchor_for
 from .functional import FunctionalAdapter, bare_candidates, owners, register_units
 from .adapters import adapter_for, is_candidate
@@ -314,6 +315,9 @@ def _remove_hooks(module: nn.Module, owner) -> None:
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for k in [k for k, h in hooks.items() if getattr(h, "__self__", None) is owner]:
             del hooks[k]
+    hooks = module._load_state_dict_pre_hooks  # (torch wraps a hook with its module: _WrappedHook.hook)
+    for k in [k for k, h in hooks.items() if getattr(getattr(h, "hook", None), "realiser", None) is owner]:
+        del hooks[k]
     for flags, hooks in ((module._forward_hooks_always_called, module._forward_hooks),
                          (module._forward_hooks_with_kwargs, module._forward_hooks),
                          (module._forward_pre_hooks_with_kwargs, module._forward_pre_hooks)):
@@ -675,6 +679,7 @@ def to_target_space(
         model.register_forward_pre_hook(realiser.root_pre_hook, prepend=True, with_kwargs=True)
         model.register_forward_hook(realiser.root_done_hook, prepend=True, with_kwargs=True)  # returned: first
         model.register_forward_hook(realiser.root_post_hook, always_call=True, with_kwargs=True)
+        model.register_load_state_dict_pre_hook(ReferenceSizeCheck(realiser))
         if init == "random":
             realiser.project()
         with torch.no_grad():

@@ -269,9 +269,9 @@ def test_a_mode_switch_alone_realises_again():
 
 
 def test_the_pass_stream_follows_the_seed_and_leaves_the_global_stream_alone():
-    """With dropout active, the reference pass draws from the model's own stream, seeded from torch's at
-    conversion: the same seed realises the same weights, another seed others; and the global stream is where
-    it would be without the pass (a forward's own dropout is the plain model's)."""
+    """With dropout active, the reference pass is seeded by a hash of the global generator's state, which it
+    does not advance: the same seed realises the same weights, another seed others; and the global stream is
+    where it would be without the pass (a forward's own dropout is the plain model's)."""
     def realised(seed):
         torch.manual_seed(seed)
         m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))

@@ -230,3 +230,20 @@ def test_every_tied_layer_is_named_in_one_refusal():
     assert info.value.values["layers"] == ["0", "2", "4", "6"]
     assert "name not in {'0', '2', '4', '6'}" in str(info.value)
     assert_same_state(before, model_state(net))
+
+
+def test_a_checkpoint_of_another_reference_batch_size_is_refused_by_name():
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = tp.to_target_space(net(), torch.randn(8, 3))
+    other = tp.to_target_space(net(), torch.randn(10, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tp.ReferenceBatchError, match=r"target_space_reference[\s\S]*checkpoint: \(10, 3\)"):
+        model.load_state_dict(other.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fresh = tp.to_target_space(net(), other.state_dict()["target_space_reference"])  # the way out
+    fresh.load_state_dict(other.state_dict())
+    copy_ = __import__("copy").deepcopy(model)
+    tp.to_weight_space(copy_)
+    assert not copy_._load_state_dict_pre_hooks and not tp.is_target_space(copy_)

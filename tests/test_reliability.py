@@ -68,7 +68,7 @@ def test_resume_is_bit_identical():
 def test_mismatched_checkpoint_names_the_key():
     model = make()
     other = tp.to_target_space(SmallCNN(), torch.randn(20, 3, 8, 8), lam=0.1)
-    with pytest.raises(RuntimeError, match="target_space_reference"):
+    with pytest.raises(tp.ReferenceBatchError, match="target_space_reference"):
         model.load_state_dict(other.state_dict())
 
 
