@@ -62,10 +62,11 @@ class _Calls(TorchFunctionMode):
 
 def gpu_path() -> None:
     """The library's CUDA branches on the CPU: no value comparisons, triangular solves instead of LAPACK's
-    checked routines, no channels_last conversion, no CPU-only triangle packing."""
-    from target_param import layers, solver
+    checked routines, the Gram gathered, no channels_last conversion, no CPU-only triangle packing."""
+    from target_param import gram, layers, solver
 
     solver.SYNC_FREE_DEVICES.add("cpu")
+    gram.GATHER_DEVICES.add("cpu")
     layers.CHANNELS_LAST_DEVICES.discard("cpu")
     solver._TRIANGLE_DEVICES.discard("cpu")
 

@@ -29,8 +29,12 @@ def unfold_gram(conv: nn.Conv2d, xp: torch.Tensor, bias: bool) -> torch.Tensor:
     return a.mT @ a
 
 
+@pytest.mark.parametrize("assembly", ["copies", "gather"])  # the CPU's block copies, the GPU's one gather
 @pytest.mark.parametrize("nd,k,dil,g,pad,mode,bias", CASES)
-def test_shift_gram_equals_im2col_gram(nd, k, dil, g, pad, mode, bias):
+def test_shift_gram_equals_im2col_gram(nd, k, dil, g, pad, mode, bias, assembly, monkeypatch):
+    from target_param import gram
+
+    monkeypatch.setattr(gram, "GATHER_DEVICES", {"cuda", "cpu"} if assembly == "gather" else {"cuda"})
     torch.manual_seed(0)
     conv = (nn.Conv1d if nd == 1 else nn.Conv2d)(4, 6, k, dilation=dil, groups=g, padding=pad,
                                                  padding_mode=mode, bias=bias).double()
