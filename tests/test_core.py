@@ -273,11 +273,13 @@ def test_the_pass_stream_follows_the_seed_and_leaves_the_global_stream_alone():
     does not advance: the same seed realises the same weights, another seed others; and the global stream is
     where it would be without the pass (a forward's own dropout is the plain model's)."""
     def realised(seed):
-        torch.manual_seed(seed)
+        torch.manual_seed(0)  # one model, one X̄, one set of targets
         m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
-        torch.manual_seed(seed)
-        tp.to_target_space(m, torch.randn(20, 4), lam=0.1)
+        tp.to_target_space(m, torch.randn(20, 4), lam=0.1, init="random")
+        torch.manual_seed(seed)  # the global state when the next pass runs
         with torch.no_grad():
+            m[0].parametrizations.weight.original.add_(0.0)  # stale: the next forward realises
+            m(torch.randn(2, 4))  # (train mode: the pass's dropout draws from its own seed)
             return m, m[3].weight.clone()
     (m, a), (_, b), (_, c) = realised(1), realised(1), realised(2)
     assert torch.equal(a, b) and not torch.equal(a, c)
