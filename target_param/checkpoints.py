@@ -18,6 +18,10 @@ def weight_space_state_dict(model: nn.Module) -> dict[str, Tensor]:
     current targets) under its original key, every other entry as it is; no target, reference batch or λ
     buffer. The model is not changed (it realises first if anything is stale).
 
+    The weights are those of the model's current mode: in train mode the reference pass runs with dropout
+    active (and BatchNorm on batch statistics), so they differ from the ones an eval-mode forward realises.
+    Call ``model.eval()`` first for the weights that evaluation uses (``to_weight_space`` does the same).
+
     It equals ``to_weight_space(copy.deepcopy(model)).state_dict()`` without the copy, and loads into the
     original architecture: ``plain.load_state_dict(...)``, or Hugging Face's
     ``model.save_pretrained(path, state_dict=tp.weight_space_state_dict(model))`` then ``from_pretrained(path)``.

@@ -188,7 +188,8 @@ FROZEN_REASON = ("frozen (requires_grad=False): a frozen target is not a frozen 
 def _select(model: nn.Module, filter_fn: Callable | None, held: dict,
             frozen: dict | None = None) -> list[tuple[str, nn.Module]]:
     """The selected layers; ``held``: ``functional.owners(model)``, to refuse tied weights by identity.
-    ``frozen``: where the layers whose parameters are all frozen are recorded (name → reason), left out."""
+    ``frozen``: where the layers with a frozen weight (``requires_grad=False``) are recorded (name → reason),
+    left out."""
     chosen, tied = [], {}
     for name, m in model.named_modules():
         if not is_candidate(m) or (filter_fn is not None and not filter_fn(m, name)):
@@ -267,7 +268,7 @@ def _reference_size(inputs: tuple) -> int | None:
 def _warn_rank(ran: list, nbar: int | None) -> None:
     """One RankDeficientWarning for every layer with fewer reference columns than input rows (section 3.1,
     Fig. 7), with the n̄ each would need and the filter_fn that keeps them all in weight space."""
-    short = [(pl, pl.stats()) for pl in ran if not pl.stats()["full_rank"]]
+    short = [(pl, s) for pl, s in ((pl, pl.stats()) for pl in ran) if not s["full_rank"]]
     if not short:
         return
     lines = []
